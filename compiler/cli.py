@@ -1,0 +1,222 @@
+"""The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
+
+Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `show`, `bisect`. The CLI holds no
+compiler logic of its own: each command builds a pipeline string and instruments and calls the
+library. Errors meshc raises on purpose print as one clear message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+import time
+
+import torch
+from meshc.errors import MeshcError
+
+EPILOG = ("MODEL is a built-in name (llama-tiny, gpt2-tiny, mlp, reference-lm), path/to/file.py:factory "
+          "or package.module:factory.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except MeshcError as e:
+        print(f"meshc: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshc", description="meshc: a graph compiler for distributed PyTorch.",
+                                epilog=EPILOG)
+    sub = p.add_subparsers(title="commands")
+
+    s = sub.add_parser("passes", help="table of registered passes")
+    s.set_defaults(func=cmd_passes)
+
+    def model_args(s):
+        s.add_argument("model", metavar="MODEL", help=EPILOG)
+        s.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 or dp=2,tp=2 (default: one device)")
+        s.add_argument("--pipeline", default="default", help="pipeline string, e.g. 'dce,lint' (default: 'default')")
+        s.add_argument("--batch", type=int, default=2, help="batch size of the example inputs (built-ins)")
+        s.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs (built-ins)")
+        s.add_argument("--static", action="store_true", help="capture with static shapes (default: dynamic)")
+
+    s = sub.add_parser("compile", help="compile a model and show what the passes did", epilog=EPILOG)
+    model_args(s)
+    s.add_argument("--dump-dir", help="write one runnable NNN_<pass>.py per pass into this folder")
+    s.add_argument("--print-after-change", action="store_true", help="print the IR after each pass that changed it")
+    s.add_argument("--timings", action="store_true", help="also time capture, passes, lowering and the first call")
+    s.add_argument("--check", action="store_true",
+                   help="verify every pass (lint, shapes, numerics) and compare with eager at two sequence lengths")
+    s.set_defaults(func=cmd_compile)
+
+    s = sub.add_parser("show", help="print the IR after one pass (or its diff)", epilog=EPILOG)
+    model_args(s)
+    s.add_argument("--after", required=True, help="pass name, 1-based index in the pipeline, or 'captured'")
+    s.add_argument("--diff", action="store_true", help="show a unified diff against the IR before that pass")
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("bisect", help="find the first pass after which outputs differ from eager", epilog=EPILOG)
+    model_args(s)
+    s.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance vs eager (default 1e-5)")
+    s.set_defaults(func=cmd_bisect)
+    return p
+
+
+def cmd_passes(args) -> int:
+    from meshc.pipeline import all_passes
+    from meshc.table import render_table
+
+    rows = []
+    for p in sorted(all_passes().values(), key=lambda p: p.name):
+        opts = ", ".join(f"{k}={v.default!r}" for k, v in p.options().items()) or "-"
+        rows.append([p.name, "yes" if p.preserves_semantics else "no", opts, p.description])
+    print(render_table(["pass", "preserves semantics", "options", "description"], rows))
+    return 0
+
+
+def _load(args):
+    from meshc.driver import default_pipeline
+    from meshc.mesh import MeshSpec
+    from meshc.models import load_model
+    from meshc.pipeline import parse_pipeline
+
+    spec = MeshSpec.parse(args.mesh)
+    pipeline = default_pipeline(spec) if args.pipeline == "default" else args.pipeline
+    parse_pipeline(pipeline)  # fail on a typo before loading anything
+    loaded = load_model(args.model, batch=args.batch, seq=args.seq)
+    return loaded, spec, pipeline
+
+
+def cmd_compile(args) -> int:
+    import meshc
+    from meshc.numerics import max_abs_error
+
+    loaded, spec, pipeline = _load(args)
+    instruments = [meshc.PrintAfterChange()] if args.print_after_change else []
+    if args.dump_dir:
+        instruments.append(meshc.DumpDir(args.dump_dir))
+    if args.check:
+        instruments += [meshc.Verify(), meshc.NumericCheck()]
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"meshc compile {args.model} ({type(loaded.model).__name__}, {n_params / 1e6:.2f}M parameters) "
+          f"on mesh '{spec}'\npipeline: {pipeline}")
+    t0 = time.perf_counter()
+    compiled = meshc.compile(loaded.model, spec, example_inputs=loaded.example_inputs,
+                             example_kwargs=loaded.example_kwargs, pipeline=pipeline,
+                             dynamic_shapes=None if args.static else "auto", instruments=instruments)
+    t_compile = time.perf_counter() - t0
+    print(f"\n{compiled.report}\n")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = compiled(*loaded.example_inputs, **loaded.example_kwargs)
+        t_call = time.perf_counter() - t0
+    if args.timings:
+        print(f"compile total {t_compile * 1e3:.0f} ms; first call {t_call * 1e3:.1f} ms")
+    if args.dump_dir:
+        print(f"IR dumps: {args.dump_dir}/000_captured.py .. one runnable file per pass")
+    if not args.check:
+        return 0
+    failed = False
+    sizes = [(args.batch, args.seq)]
+    if loaded.make_inputs and not args.static:
+        sizes.append((args.batch, args.seq * 2 + 1))  # a second length from the same compile
+    with torch.no_grad():
+        for batch, seq in sizes:
+            inputs = loaded.inputs_at(batch, seq) if loaded.make_inputs else loaded.example_inputs
+            ref = loaded.model(*inputs, **loaded.example_kwargs)
+            err, where, _ = max_abs_error(ref, compiled(*inputs, **loaded.example_kwargs))
+            ok = err <= 1e-5
+            failed |= not ok
+            print(f"check vs eager at batch={batch} seq={seq}: max abs error {err:.2e} at {where} "
+                  f"{'ok' if ok else 'FAILED'}")
+    del out
+    return 1 if failed else 0
+
+
+def _programs_by_step(args):
+    """Capture and run the pipeline, keeping the Program after every step (0 = captured)."""
+    import meshc
+
+    loaded, spec, pipeline = _load(args)
+    keep = _Keep()
+    program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
+                            dynamic_shapes=None if args.static else "auto", mesh=spec)
+    meshc.driver.check_runnable(spec)
+    manager = meshc.PassManager(pipeline, instruments=[keep])
+    manager.run(program)
+    return loaded, manager, keep.programs
+
+
+class _Keep:
+    def start(self, program, calls):
+        self.programs = [program]
+
+    def after_pass(self, index, call, before, after, seconds):
+        self.programs.append(after)
+
+    def finish(self, program):
+        pass
+
+
+def cmd_show(args) -> int:
+    _, manager, programs = _programs_by_step(args)
+    names = [c.name for c in manager.calls]
+    if args.after == "captured":
+        step = 0
+    elif args.after.isdigit() and 1 <= int(args.after) <= len(names):
+        step = int(args.after)
+    elif args.after in names:
+        step = names.index(args.after) + 1
+    else:
+        raise MeshcError(f"--after {args.after!r} is not in the pipeline [{', '.join(names)}]; "
+                         f"give a pass name, a 1-based index, or 'captured'")
+    code = programs[step].code()
+    if args.diff and step > 0:
+        before = programs[step - 1].code()
+        label = f"after {step - 1}" if step > 1 else "captured"
+        diff = difflib.unified_diff(before.splitlines(), code.splitlines(), label, f"after {names[step - 1]}",
+                                    lineterm="")
+        print("\n".join(diff) or f"pass {names[step - 1]!r} did not change the IR")
+    else:
+        print(code)
+    return 0
+
+
+def cmd_bisect(args) -> int:
+    from meshc.numerics import max_abs_error
+
+    loaded, manager, programs = _programs_by_step(args)
+    with torch.no_grad():
+        ref = loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
+
+        def bad(step: int) -> bool:
+            return max_abs_error(ref, programs[step].run_example())[0] > args.atol
+
+        if bad(0):
+            raise MeshcError("the captured program already differs from eager; the fault is in capture, not a pass")
+        if not bad(len(programs) - 1):
+            print(f"all {len(manager.calls)} passes agree with eager within atol={args.atol:g}")
+            return 0
+        lo, hi = 0, len(programs) - 1  # invariant: good(lo), bad(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if not bad(mid) else (lo, mid)
+        err = max_abs_error(ref, programs[hi].run_example())
+    print(f"first bad pass: #{hi} '{manager.calls[hi - 1]}' (max abs error {err[0]:.3g} at {err[1]}; "
+          f"passes before it agree with eager)")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Pass registry and pipeline strings.
+
+Entry points: `register_pass` (decorator used by `passes/*.py`), `PASSES` (name → Pass),
+`parse_pipeline("dce,ladder_residual(layers=last:4)")` → list of `PassCall`.
+
+A pass is a function `fn(program, **options) -> Program` whose keyword-only parameters are its
+options; their annotations (int, float, bool, str) are how option strings are converted. Pipelines
+are parsed and validated completely before any pass runs, so a typo fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshc.errors import PipelineError
+
+#: Pipeline used by `meshc.compile(pipeline="default")` for each mesh kind.
+DEFAULT_PIPELINES = {
+    "single": "dce,propagate_shapes,lint",
+}
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: Callable[..., Any]
+    description: str
+    preserves_semantics: bool
+
+    def options(self) -> dict[str, inspect.Parameter]:
+        params = inspect.signature(self.fn).parameters.values()
+        return {p.name: p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@dataclass(frozen=True)
+class PassCall:
+    pass_: Pass
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.pass_.name
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.name}({opts})" if opts else self.name
+
+
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str, *, description: str, preserves_semantics: bool):
+    """Register `fn(program, **options) -> Program` as pass `name`."""
+
+    def wrap(fn):
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} registered twice")
+        PASSES[name] = Pass(name, fn, description, preserves_semantics)
+        return fn
+
+    return wrap
+
+
+def all_passes() -> dict[str, Pass]:
+    import meshc.passes  # noqa: F401 - importing the package registers every pass
+
+    return PASSES
+
+
+_ITEM = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\(([^()]*)\))?\s*(?:,|$)")
+
+
+def parse_pipeline(text: str) -> list[PassCall]:
+    """Parse 'a,b(k=v,k2=v2),c' into validated PassCalls (unknown names/options are errors)."""
+    passes = all_passes()
+    text = text.strip()
+    calls, pos = [], 0
+    while pos < len(text):
+        m = _ITEM.match(text, pos)
+        if not m or m.end() == pos:
+            raise PipelineError(f"cannot parse pipeline {text!r} at position {pos}: {text[pos:]!r}. "
+                                f"Write 'pass_a,pass_b(option=value)'.")
+        name, opts = m.group(1), m.group(2)
+        if name not in passes:
+            raise PipelineError(f"unknown pass {name!r} in pipeline {text!r}. Valid passes: "
+                                f"{', '.join(sorted(passes))} (see `meshc passes`).")
+        calls.append(PassCall(passes[name], _parse_options(passes[name], opts or "")))
+        pos = m.end()
+    return calls
+
+
+def _parse_options(p: Pass, text: str) -> dict[str, Any]:
+    valid = p.options()
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise PipelineError(f"pass {p.name!r}: option {item!r} needs a value (name=value)")
+        if key not in valid:
+            names = ", ".join(valid) or "none"
+            raise PipelineError(f"pass {p.name!r} has no option {key!r}; its options: {names}")
+        out[key] = _convert(p.name, key, value.strip(), valid[key].annotation)
+    return out
+
+
+def _convert(pass_name: str, key: str, value: str, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "str")
+    try:
+        if kind == "bool":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError:
+        raise PipelineError(f"pass {pass_name!r}: option {key}={value!r} is not a valid {kind}") from None
+    return value

@@ -1,0 +1,202 @@
+"""The Program: meshc's IR, a torch.fx GraphModule plus what FX lacks.
+
+Entry point: `Program` (built by `meshc.capture`). Its graph is an ATen-level FX graph in
+*lifted* form: parameters, buffers and constants are placeholders, followed by the flattened user
+inputs, so a pass sees every tensor as a node and a rank can feed in its own shards. `state` maps
+each state placeholder to its tensor; tied weights are two placeholders fed by one tensor object.
+
+All meshc metadata keys are defined here and nowhere else (`META`). Keys torch already sets and
+meshc relies on: `val` (FakeTensor or SymInt; sympy size symbols when dims are dynamic),
+`tensor_meta`, `stack_trace`, `nn_module_stack`.
+
+A Program is never mutated by a pass: the PassManager hands each pass a `clone()`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from meshc.errors import InputError
+from meshc.mesh import MeshSpec
+
+#: Every meshc node.meta key, with its meaning. Passes read and write only these (plus torch's).
+META: dict[str, str] = {
+    "meshc_input": "placeholders only: 'parameter' | 'buffer' | 'constant' | 'user'",
+    "meshc_name": "placeholders only: parameter/buffer FQN ('model.layers.0.mlp.up_proj.weight') "
+    "or the user input's pytree path (\"args[0]\", \"kwargs['attention_mask']\")",
+    "meshc_pass": "name of the pass that created or last rewrote this node",
+    "meshc_placement": "tuple of DTensor placements (Shard(d) | Replicate() | Partial()), one per mesh dim",
+    "meshc_stage": "pipeline stage index (int) this node runs in",
+    "meshc_cost": "predicted cost of this node in seconds, from meshc's cost model",
+}
+
+_USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
+
+
+def source_line(node: fx.Node) -> str | None:
+    """The innermost user source line of `node` ('file.py:12 in forward: code'), skipping torch."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = [f for f in _USER_FRAME.findall(trace) if "/torch/" not in f[0]]
+    if not frames:
+        return None
+    path, line, fn, code = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}: {code.strip()}"
+
+
+def describe_node(node: fx.Node) -> str:
+    """One line naming a node for an error: name, op, target, shape and user source line."""
+    val = node.meta.get("val")
+    shape = f" {_short_val(val)}" if val is not None else ""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    where = source_line(node)
+    module = next(reversed(node.meta["nn_module_stack"].values()))[0] if node.meta.get("nn_module_stack") else None
+    parts = [f"%{node.name} = {node.op}[{target}]{shape}"]
+    if module:
+        parts.append(f"module {module!r}")
+    parts.append(f"source {where}" if where else "no source line recorded")
+    return "; ".join(parts)
+
+
+def _short_val(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
+    return str(val)
+
+
+@dataclass
+class Program:
+    """A captured model: graph, state, calling convention, mesh, and the example inputs."""
+
+    gm: fx.GraphModule
+    state: dict[str, torch.Tensor]  # placeholder name -> parameter/buffer/constant tensor
+    in_spec: pytree.TreeSpec  # of (args, kwargs) as captured
+    out_spec: pytree.TreeSpec  # of the model's output (e.g. CausalLMOutputWithPast)
+    mesh: MeshSpec
+    signature: inspect.Signature | None = None  # the model's forward signature, to bind calls
+    example_inputs: tuple[tuple, dict] = ((), {})
+    history: list[str] = field(default_factory=list)  # names of the passes applied, in order
+    model_name: str = "model"
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def placeholders(self, kind: str | None = None) -> list[fx.Node]:
+        """Placeholders in order, optionally only those of one `meshc_input` kind."""
+        return [n for n in self.graph.nodes if n.op == "placeholder" and kind in (None, n.meta["meshc_input"])]
+
+    def num_nodes(self) -> int:
+        return len(self.graph.nodes)
+
+    def tied_groups(self) -> list[list[str]]:
+        """Groups of state placeholders fed by the same tensor (tied weights), e.g. GPT-2's
+        embedding and lm_head."""
+        by_id: dict[int, list[str]] = {}
+        for name, t in self.state.items():
+            by_id.setdefault(id(t), []).append(name)
+        return [names for names in by_id.values() if len(names) > 1]
+
+    def clone(self) -> Program:
+        """A copy with its own graph (nodes and meta dicts copied); tensors are shared."""
+        graph = fx.Graph()
+        out = graph.graph_copy(self.graph, {})
+        graph.output(out)
+        for old, new in zip(self.graph.nodes, graph.nodes):
+            new.meta = dict(old.meta)
+        gm = fx.GraphModule(self.gm, graph)
+        return replace(self, gm=gm, state=dict(self.state), history=list(self.history))
+
+    def code(self) -> str:
+        """The graph as runnable Python, annotated with shapes and user source lines."""
+        return self.gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+
+    # ---- calling convention ----------------------------------------------------------------
+    def bind_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
+        """Map a call's (args, kwargs) onto the flat user-input list the graph expects.
+
+        Arguments are bound to the model's signature, so positional vs keyword does not matter;
+        a captured non-tensor constant (e.g. `use_cache=False`) may be omitted, and is then the
+        captured value. Anything else that differs from the capture is an `InputError`.
+        """
+        args, kwargs = self._normalize_call(args, kwargs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec:
+            raise InputError(
+                f"the inputs' structure differs from the captured one.\n  captured: {self.in_spec}\n"
+                f"  called with: {spec}\n  Call the compiled model the way the example inputs were "
+                f"given, or compile again with example inputs of the new structure."
+            )
+        for node, value in zip(self.placeholders("user"), flat):
+            _check_input(node, value)
+        return flat
+
+    def _normalize_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ex_args, ex_kwargs = self.example_inputs
+        if self.signature is None:
+            return tuple(args), dict(kwargs)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"cannot bind the call to {self.model_name}.forward{self.signature}: {e}") from None
+        values, extra_args = {}, ()
+        for name, value in bound.arguments.items():
+            kind = self.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                values.update(value)  # forward(**kwargs): its keys are ordinary keyword inputs
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                extra_args = tuple(value)
+            else:
+                values[name] = value
+        names = list(self.signature.parameters)
+        new_args = tuple(values.pop(n) for n in names[: len(ex_args)] if n in values) + extra_args
+        for key, captured in ex_kwargs.items():
+            if key not in values and not isinstance(captured, torch.Tensor):
+                values[key] = captured  # baked into the graph at capture; omitting it is fine
+        extra = sorted(set(values) - set(ex_kwargs))
+        if extra:
+            raise InputError(
+                f"argument(s) {extra} were not given at capture, so the compiled program has no "
+                f"input for them. Pass them in example_kwargs when compiling."
+            )
+        return new_args, {k: values[k] for k in ex_kwargs if k in values}
+
+    def unflatten_outputs(self, flat: Any) -> Any:
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Execute the graph eagerly (ATen, this process) with `state`; the reference semantics."""
+        flat = self.bind_inputs(args, kwargs)
+        state = [self.state[n.name] for n in self.placeholders() if n.meta["meshc_input"] != "user"]
+        return self.unflatten_outputs(self.gm(*state, *flat))
+
+    def run_example(self) -> Any:
+        args, kwargs = self.example_inputs
+        return self.run(*args, **kwargs)
+
+
+def _check_input(node: fx.Node, value: Any) -> None:
+    """Raise an InputError if `value` cannot be fed to placeholder `node` (dtype, rank, static dims)."""
+    val = node.meta.get("val")
+    where = node.meta["meshc_name"]
+    if not isinstance(val, torch.Tensor):
+        if isinstance(value, torch.Tensor) or (val is not None and value != val):
+            raise InputError(f"input {where} was captured as the constant {val!r}; got {_short_val(value)}. "
+                             f"Compile again with this value in the example inputs.")
+        return
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"input {where} must be a tensor like {_short_val(val)}; got {type(value).__name__}")
+    if value.dtype != val.dtype or value.dim() != val.dim():
+        raise InputError(f"input {where}: expected {_short_val(val)}, got {_short_val(value)}")
+    for d, (want, got) in enumerate(zip(val.shape, value.shape)):
+        if isinstance(want, int) and want != got:
+            raise InputError(
+                f"input {where}: dim {d} was captured static with size {want}, got {got}. Compile "
+                f"with dynamic_shapes='auto' (the default of meshc.compile) or example inputs of this size."
+            )

@@ -1,0 +1,8 @@
+"""meshc.passes: one module per pass, each registering itself with `meshc.pipeline.register_pass`.
+
+A pass is `fn(program, **options) -> Program`; it may rewrite the clone it is given, never
+imports the runtime, and when it cannot apply it raises an error naming the node and pattern.
+Importing this package registers every pass (see `meshc passes` for the table).
+"""
+
+from meshc.passes import dce, lint, propagate_shapes  # noqa: F401

@@ -1,0 +1,65 @@
+"""propagate_shapes: recompute every node's `val` (FakeTensor) from the placeholders' values.
+
+Entry points: the pass `propagate_shapes`, and `check_recorded_shapes(program)` used by the
+Verify instrument to prove a pass left shapes and dtypes consistent. Symbolic sizes (sympy) are
+kept: the placeholders' FakeTensors carry the ShapeEnv from capture.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from meshc.errors import NodeError
+from meshc.pipeline import register_pass
+from meshc.program import Program
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def fake_values(program: Program) -> dict[str, Any]:
+    """Run the graph on fake tensors; returns node name -> value. Errors name the failing node."""
+    inputs = [n.meta.get("val") for n in program.placeholders()]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    prop = _Recorder(program.gm, mode)
+    try:
+        prop.propagate_dont_convert_inputs(*inputs)
+    except Exception as e:
+        raise NodeError(prop.current, f"shape propagation failed: {type(e).__name__}: {e}") from e
+    return prop.values
+
+
+class _Recorder(FakeTensorProp):
+    def __init__(self, gm: fx.GraphModule, mode):
+        super().__init__(gm, mode)
+        self.values: dict[str, Any] = {}
+        self.current: fx.Node | None = None
+
+    def run_node(self, n):
+        self.current = n
+        out = fx.Interpreter.run_node(self, n)  # FakeTensorProp's own run_node writes meta["val"]
+        self.values[n.name] = out
+        return out
+
+
+@register_pass("propagate_shapes", description="recompute shapes and dtypes of every node with fake tensors",
+               preserves_semantics=True)
+def propagate_shapes(program: Program) -> Program:
+    values = fake_values(program)
+    for node in program.graph.nodes:
+        if node.op not in ("placeholder", "output") and node.name in values:
+            node.meta["val"] = values[node.name]
+    return program
+
+
+def check_recorded_shapes(program: Program) -> None:
+    """Raise NodeError on the first node whose recorded shape/dtype differs from re-propagation."""
+    values = fake_values(program)
+    for node in program.graph.nodes:
+        recorded, fresh = node.meta.get("val"), values.get(node.name)
+        if not isinstance(recorded, torch.Tensor) or not isinstance(fresh, torch.Tensor):
+            continue
+        if recorded.dtype != fresh.dtype or str(recorded.shape) != str(fresh.shape):
+            raise NodeError(node, f"recorded value {recorded.dtype}{list(recorded.shape)} but the graph "
+                                  f"computes {fresh.dtype}{list(fresh.shape)}; a pass forgot to update meta['val']")

@@ -1,0 +1,33 @@
+"""CompiledModel: the nn.Module `meshc.compile` returns; same call signature and outputs as the
+original model.
+
+Entry point: `CompiledModel(program, run_flat, backend)`. Calls are bound and checked against
+the captured inputs (`Program.bind_inputs`), run through the lowered callable, and the outputs
+rebuilt in the model's own structure (e.g. a Hugging Face `CausalLMOutputWithPast`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from meshc.program import Program
+
+
+class CompiledModel(torch.nn.Module):
+    def __init__(self, program: Program, run_flat: Callable[[list], tuple], backend: str, report: str = ""):
+        super().__init__()
+        self.program = program
+        self.backend = backend
+        self.report = report  # the pass table of the compile that made this model
+        self._run_flat = run_flat
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.program.bind_inputs(args, kwargs)
+        return self.program.unflatten_outputs(self._run_flat(flat))
+
+    def extra_repr(self) -> str:
+        p = self.program
+        return (f"model={p.model_name}, mesh={p.mesh}, backend={self.backend}, "
+                f"passes=[{', '.join(p.history)}], nodes={p.num_nodes()}")

@@ -1,0 +1,57 @@
+import pytest
+from meshc.cli import main
+
+
+def test_passes_table(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "preserves semantics" in out and "dce" in out
+
+
+def test_compile_main_job(tmp_path, capsys):
+    assert main(["compile", "llama-tiny", "--dump-dir", str(tmp_path), "--timings", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "nodes before" in out and "capture" in out and "first call" in out
+    assert out.count(" ok") == 2  # two sequence lengths checked against eager
+    assert (tmp_path / "003_lint.py").exists()
+
+
+def test_show_after_and_diff(capsys):
+    assert main(["show", "gpt2-tiny", "--after", "dce", "--diff"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- captured") and "-" in out and "_assert_tensor_metadata" in out
+    assert main(["show", "mlp", "--after", "captured"]) == 0
+    assert "class GraphModule" in capsys.readouterr().out
+
+
+def test_bisect_finds_the_bad_pass(temp_pass, capsys):
+    from .test_pass_manager import scale_first_linear
+
+    temp_pass("scale", scale_first_linear)
+    assert main(["bisect", "mlp", "--pipeline", "dce,lint,scale(by=3.0),lint"]) == 1
+    assert "first bad pass: #3 'scale(by=3.0)'" in capsys.readouterr().out
+    assert main(["bisect", "mlp", "--pipeline", "dce,lint"]) == 0
+
+
+def test_model_from_file_factory(tmp_path, capsys):
+    f = tmp_path / "mymodel.py"
+    f.write_text("import torch\n"
+                 "def make():\n    return torch.nn.Linear(8, 4), (torch.randn(3, 8),)\n"
+                 "def bare():\n    return torch.nn.Linear(8, 4)\n")
+    assert main(["compile", f"{f}:make", "--check"]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["compile", f"{f}:bare"]) == 2
+    assert "without example inputs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["compile", "llama-tiny", "--pipeline", "dce,nope"], "unknown pass 'nope'"),
+    (["compile", "no-such-model"], "cannot resolve model 'no-such-model'"),
+    (["compile", "no_such_pkg.mod:f"], "cannot import 'no_such_pkg.mod'"),
+    (["compile", "mlp", "--mesh", "tp=2"], "single-device programs only"),
+    (["show", "mlp", "--after", "ladder_residual"], "not in the pipeline"),
+])
+def test_cli_errors_are_one_clear_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshc: error:") and match in err and "Traceback" not in err
