@@ -1,6 +1,6 @@
 """The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
 
-Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `show`, `bisect`. The CLI holds no
+Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `show`, `bisect`. The CLI holds no
 compiler logic of its own: each command builds a pipeline string and instruments and calls the
 library. Errors meshc raises on purpose print as one clear message and exit with status 2.
 """
@@ -60,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="verify every pass (lint, shapes, numerics) and compare with eager at two sequence lengths")
     s.set_defaults(func=cmd_compile)
 
+    s = sub.add_parser("run", help="run a model on a local CPU/GPU mesh and compare with eager", epilog=EPILOG)
+    s.add_argument("model", metavar="MODEL", help=EPILOG)
+    s.add_argument("--mesh", required=True, help="device mesh, e.g. tp=2, tp=4 or dp=2,tp=2")
+    s.add_argument("--plan", default="megatron", help="sharding plan: megatron (default) or replicate")
+    s.add_argument("--batch", type=int, default=2, help="batch size (built-ins)")
+    s.add_argument("--seq", type=int, default=16, help="first sequence length; a second one is 2*seq+1")
+    s.add_argument("--iters", type=int, default=5, help="timed forward calls per rank")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails the run")
+    s.add_argument("--show-program", action="store_true", help="print rank 0's local program")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("show", help="print the IR after one pass (or its diff)", epilog=EPILOG)
     model_args(s)
     s.add_argument("--after", required=True, help="pass name, 1-based index in the pipeline, or 'captured'")
@@ -98,11 +109,33 @@ def _load(args):
     return loaded, spec, pipeline
 
 
+def _compile_for_rank0(args, loaded, spec, pipeline) -> int:
+    """Passes only (no processes): show what partitioning does to rank 0's program."""
+    import meshc
+
+    instruments = [meshc.PrintAfterChange()] if args.print_after_change else []
+    if args.dump_dir:
+        instruments.append(meshc.DumpDir(args.dump_dir))
+    print(f"meshc compile {args.model} on mesh '{spec}' (rank 0's program; `meshc run` executes it)\n"
+          f"pipeline: {pipeline}")
+    program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
+                            dynamic_shapes=None if args.static else "auto", mesh=spec)
+    manager = meshc.PassManager(pipeline, instruments=[*instruments, timings := meshc.Timings()])
+    program = manager.run(program)
+    print("\n".join(["", timings.table(), "", *program.notes]))
+    return 0
+
+
 def cmd_compile(args) -> int:
     import meshc
     from meshc.numerics import max_abs_error
 
     loaded, spec, pipeline = _load(args)
+    if spec.size > 1 and args.check:
+        raise MeshcError(f"--check runs the model, and mesh '{spec}' needs {spec.size} processes: use "
+                         f"`meshc run {args.model} --mesh {spec}` to run and compare with eager")
+    if spec.size > 1:
+        return _compile_for_rank0(args, loaded, spec, pipeline)
     instruments = [meshc.PrintAfterChange()] if args.print_after_change else []
     if args.dump_dir:
         instruments.append(meshc.DumpDir(args.dump_dir))
@@ -144,6 +177,30 @@ def cmd_compile(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_run(args) -> int:
+    from meshc.mesh import MeshSpec
+    from meshc.runtime.run_on_mesh import run_on_mesh
+
+    spec = MeshSpec.parse(args.mesh)
+    print(f"meshc run {args.model} on a local mesh '{spec}' ({spec.size} processes, plan {args.plan})", flush=True)
+    plan = None if args.plan == "replicate" else args.plan
+    r = run_on_mesh(args.model, str(spec), plan, args.batch, (args.seq, 2 * args.seq + 1), args.iters,
+                    args.timeout, args.show_program)
+    if r["program"]:
+        print(r["program"])
+    print(f"\nrank 0: {r['report']}\n")
+    failed = False
+    for c in r["checks"]:
+        ok = c["max_abs_error"] <= 1e-5
+        failed |= not ok
+        print(f"check vs eager at batch={c['batch']} seq={c['seq']}: max abs error {c['max_abs_error']:.2e} "
+              f"({'ok' if ok else 'FAILED'})")
+    per_rank = ", ".join(f"{b / 2**20:.2f}" for b in r["per_rank_param_bytes"])
+    print(f"parameters per rank (MiB): {per_rank} of {r['full_param_bytes'] / 2**20:.2f} in the model")
+    print(f"compile {r['compile_s']:.1f} s; forward median {r['forward_ms_median']:.1f} ms on rank 0")
+    return 1 if failed else 0
+
+
 def _programs_by_step(args):
     """Capture and run the pipeline, keeping the Program after every step (0 = captured)."""
     import meshc
@@ -152,7 +209,6 @@ def _programs_by_step(args):
     keep = _Keep()
     program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                             dynamic_shapes=None if args.static else "auto", mesh=spec)
-    meshc.driver.check_runnable(spec)
     manager = meshc.PassManager(pipeline, instruments=[keep])
     manager.run(program)
     return loaded, manager, keep.programs

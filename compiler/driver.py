@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from meshc.capture import capture
-from meshc.errors import MeshError
 from meshc.instruments import Instrument, Timings
 from meshc.mesh import MeshSpec
 from meshc.pass_manager import PassManager
@@ -20,7 +19,7 @@ from meshc.pipeline import DEFAULT_PIPELINES
 
 
 def default_pipeline(mesh: MeshSpec) -> str:
-    return DEFAULT_PIPELINES["single"]
+    return DEFAULT_PIPELINES["sharded" if mesh.size > 1 else "single"]
 
 
 def compile(  # noqa: A001 - the public name is meshc.compile
@@ -32,38 +31,44 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     backend: str = "auto",
     dynamic_shapes: Any = "auto",
     instruments: Sequence[Instrument] = (),
+    plan: Any = None,
 ):
     """Compile `model` for `mesh` and return a CompiledModel with the model's call signature.
 
     mesh: None (this device), 'tp=2' / 'dp=2,tp=2' shorthand, or a torch DeviceMesh.
     pipeline: 'default' or a pipeline string such as 'dce,propagate_shapes,lint'.
     dynamic_shapes: 'auto' (every input dim may vary), None (static), or torch.export's format.
+    plan: how a mesh larger than one device shards the model: 'megatron' (default), None/'replicate',
+      a glob dict {'*.q_proj.weight': 'S(0)'}, or a parallelize_module-style dict (see meshc.plan).
+      Such a mesh needs one process per device: call compile inside meshc.launch or torchrun.
     """
-    from meshc.backends import lower
     from meshc.runtime.compiled_model import CompiledModel
 
     spec = MeshSpec.parse(mesh)
-    check_runnable(spec)
+    device_mesh = None
+    if spec.size > 1:
+        from meshc.runtime.sharded import device_mesh_for
+
+        device_mesh = device_mesh_for(spec, mesh)
     manager = PassManager(default_pipeline(spec) if pipeline == "default" else pipeline,
                           instruments=[*instruments, timings := Timings()])
     t0 = time.perf_counter()
     program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, mesh=spec)
     t1 = time.perf_counter()
     captured_nodes = program.num_nodes()
+    if device_mesh is not None:
+        program.rank, program.plan = device_mesh.get_rank(), plan
     program = manager.run(program)
+    if device_mesh is not None:
+        from meshc.runtime.sharded import prepare_rank
+
+        program = prepare_rank(program, device_mesh)
     t2 = time.perf_counter()
-    run_flat, backend_name = lower(program, backend)
+    compiled = CompiledModel(program, backend)
     t3 = time.perf_counter()
-    report = (f"{timings.table()}\n\ncapture {(t1 - t0) * 1e3:.0f} ms ({captured_nodes} nodes) -> passes "
-              f"{(t2 - t1) * 1e3:.0f} ms -> lowering to {backend_name} {(t3 - t2) * 1e3:.0f} ms")
-    return CompiledModel(program, run_flat, backend_name, report=report)
+    report = "\n".join([timings.table(), "", *program.notes,
+                        f"capture {(t1 - t0) * 1e3:.0f} ms ({captured_nodes} nodes) -> passes "
+                        f"{(t2 - t1) * 1e3:.0f} ms -> lowering to {compiled.backend} {(t3 - t2) * 1e3:.0f} ms"])
+    compiled.report = report
+    return compiled
 
-
-def check_runnable(spec: MeshSpec) -> None:
-    """This build executes single-device programs; a larger mesh is an error, not a wrong answer."""
-    if spec.size > 1:
-        raise MeshError(
-            f"mesh '{spec}' has {spec.size} devices, but this build of meshc runs single-device "
-            f"programs only (the distributed runtime is not built yet). Compile with mesh=None "
-            f"or a 1-device mesh such as 'tp=1'."
-        )

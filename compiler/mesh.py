@@ -32,6 +32,14 @@ class MeshSpec:
         """Size of dim `name`; 1 if the mesh has no such dim."""
         return self.sizes[self.names.index(name)] if name in self.names else 1
 
+    def coords(self, rank: int) -> tuple[int, ...]:
+        """Mesh coordinates of a global rank (row-major, outermost dim first), as DeviceMesh lays them out."""
+        out = []
+        for s in reversed(self.sizes):
+            out.append(rank % s)
+            rank //= s
+        return tuple(reversed(out))
+
     def __str__(self) -> str:
         return ",".join(f"{n}={s}" for n, s in zip(self.names, self.sizes)) or "single device"
 

@@ -21,6 +21,7 @@ from meshc.errors import PipelineError
 #: Pipeline used by `meshc.compile(pipeline="default")` for each mesh kind.
 DEFAULT_PIPELINES = {
     "single": "dce,propagate_shapes,lint",
+    "sharded": "dce,spmd_partition,lint",
 }
 
 

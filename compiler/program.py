@@ -82,6 +82,9 @@ class Program:
     example_inputs: tuple[tuple, dict] = ((), {})
     history: list[str] = field(default_factory=list)  # names of the passes applied, in order
     model_name: str = "model"
+    rank: int = 0  # the global rank whose local program this is (meshes larger than one device)
+    plan: Any = None  # sharding plan spec from compile(plan=...); a meshc.plan.Plan once partitioned
+    notes: list[str] = field(default_factory=list)  # what passes report to the user (one line each)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -111,7 +114,7 @@ class Program:
         for old, new in zip(self.graph.nodes, graph.nodes):
             new.meta = dict(old.meta)
         gm = fx.GraphModule(self.gm, graph)
-        return replace(self, gm=gm, state=dict(self.state), history=list(self.history))
+        return replace(self, gm=gm, state=dict(self.state), history=list(self.history), notes=list(self.notes))
 
     def code(self) -> str:
         """The graph as runnable Python, annotated with shapes and user source lines."""

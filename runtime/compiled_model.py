@@ -1,14 +1,14 @@
 """CompiledModel: the nn.Module `meshc.compile` returns; same call signature and outputs as the
 original model.
 
-Entry point: `CompiledModel(program, run_flat, backend)`. Calls are bound and checked against
+Entry point: `CompiledModel(program, backend)`; `rebind()` lowers again after the state changed
+(e.g. `meshc.load_checkpoint`). Calls are bound and checked against
 the captured inputs (`Program.bind_inputs`), run through the lowered callable, and the outputs
 rebuilt in the model's own structure (e.g. a Hugging Face `CausalLMOutputWithPast`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,12 +16,17 @@ from meshc.program import Program
 
 
 class CompiledModel(torch.nn.Module):
-    def __init__(self, program: Program, run_flat: Callable[[list], tuple], backend: str, report: str = ""):
+    def __init__(self, program: Program, backend: str = "auto", report: str = ""):
         super().__init__()
         self.program = program
-        self.backend = backend
+        self.requested_backend = backend
         self.report = report  # the pass table of the compile that made this model
-        self._run_flat = run_flat
+        self.rebind()
+
+    def rebind(self) -> None:
+        from meshc.backends import lower
+
+        self._run_flat, self.backend = lower(self.program, self.requested_backend)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.program.bind_inputs(args, kwargs)

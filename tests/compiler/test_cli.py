@@ -48,7 +48,8 @@ def test_model_from_file_factory(tmp_path, capsys):
     (["compile", "llama-tiny", "--pipeline", "dce,nope"], "unknown pass 'nope'"),
     (["compile", "no-such-model"], "cannot resolve model 'no-such-model'"),
     (["compile", "no_such_pkg.mod:f"], "cannot import 'no_such_pkg.mod'"),
-    (["compile", "mlp", "--mesh", "tp=2"], "single-device programs only"),
+    (["compile", "mlp", "--mesh", "tp=2", "--check"], "use `meshc run mlp --mesh tp=2`"),
+    (["compile", "llama-tiny", "--mesh", "tp=3"], "does not divide over mesh dim 'tp'=3"),
     (["show", "mlp", "--after", "ladder_residual"], "not in the pipeline"),
 ])
 def test_cli_errors_are_one_clear_line(argv, match, capsys):

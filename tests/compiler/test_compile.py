@@ -59,8 +59,8 @@ def test_input_errors_name_the_input(llama):
 
 
 @pytest.mark.parametrize("mesh", ["tp=2", "dp=2,tp=2"])
-def test_multi_device_mesh_is_a_clear_error_in_this_build(mlp, mesh):
-    with pytest.raises(MeshError, match="single-device programs only"):
+def test_multi_device_mesh_outside_a_launch_is_a_clear_error(mlp, mesh):
+    with pytest.raises(MeshError, match="needs [24] processes. Run the compile inside meshc.launch"):
         meshc.compile(mlp.model, mesh, example_inputs=mlp.example_inputs)
 
 

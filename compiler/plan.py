@@ -1,0 +1,243 @@
+"""Sharding plans: a placement per mesh dim for every parameter and user input.
+
+Entry points: `Plan` (data, JSON, hash), `make_plan(spec, program, mesh)` accepting
+`"megatron"`, `None` (replicated; data parallel on a `dp` dim), a glob dict
+(`{"*.q_proj.weight": "S(0)"}`), or a `parallelize_module`-style dict
+(`{"layers.*.mlp.up_proj": ColwiseParallel()}` or `"colwise"`/`"rowwise"`).
+
+The Megatron plan is found from the graph (`find_megatron_pairs`), not from parameter names:
+a *column* linear is one whose output reaches other linears only through ops that keep the
+hidden dim local (pointwise, views, attention, splits); those linears are its *rows*. Columns
+shard their output features, rows their input features, so each pair needs one all-reduce.
+Outputs of a compiled program are always gathered to `Replicate()` on every rank.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from meshc.errors import MeshError
+from meshc.mesh import MeshSpec
+from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, parse_placement
+from meshc.program import Program
+
+aten = torch.ops.aten
+#: (op, input-activation arg index, weight arg index, weight dim holding the output features)
+LINEAR_OPS = {aten.linear.default: (0, 1, 0), aten.addmm.default: (1, 2, 1), aten.mm.default: (0, 1, 1)}
+#: Ops through which a column linear's shard stays local on the way to its row linear.
+_HEAD_LOCAL = {aten.view.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+               aten.unsqueeze.default, aten.expand.default, aten.clone.default, aten.slice.Tensor,
+               aten.cat.default, aten.split.Tensor, aten.scaled_dot_product_attention.default,
+               aten.contiguous.default, aten.alias.default, aten._to_copy.default}
+
+
+def is_head_local(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target.__name__ == "getitem" or node.target in _HEAD_LOCAL:
+        return True
+    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
+
+
+@dataclass
+class Plan:
+    """Placements (one per mesh dim) by parameter FQN and by user-input path; the rest Replicate."""
+
+    mesh: MeshSpec
+    params: dict[str, tuple[Placement, ...]] = field(default_factory=dict)
+    inputs: dict[str, tuple[Placement, ...]] = field(default_factory=dict)
+    source: str = "custom"
+
+    def for_param(self, fqn: str) -> tuple[Placement, ...]:
+        return self.params.get(fqn, self.replicated())
+
+    def for_input(self, path: str) -> tuple[Placement, ...]:
+        return self.inputs.get(path, self.replicated())
+
+    def replicated(self) -> tuple[Placement, ...]:
+        return tuple(Replicate() for _ in self.mesh.names)
+
+    def to_json(self) -> str:
+        """Byte-identical for equal plans (sorted keys): what ranks hash and compare."""
+        enc = lambda d: {k: [describe(p) for p in v] for k, v in sorted(d.items())}
+        return json.dumps({"mesh": str(self.mesh), "source": self.source, "params": enc(self.params),
+                           "inputs": enc(self.inputs)}, indent=1, sort_keys=True)
+
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        dec = lambda m: {k: tuple(parse_placement(p) for p in v) for k, v in m.items()}
+        return cls(MeshSpec.parse(d["mesh"]), dec(d["params"]), dec(d["inputs"]), d["source"])
+
+
+def tp_dim(mesh: MeshSpec) -> int | None:
+    """The mesh dim used for tensor parallelism: 'tp', else the only dim if it is not 'dp'."""
+    if "tp" in mesh.names:
+        return mesh.names.index("tp")
+    others = [i for i, n in enumerate(mesh.names) if n not in ("dp", "pp")]
+    return others[0] if len(others) == 1 else None
+
+
+def _on_tp(mesh: MeshSpec, p: Placement) -> tuple[Placement, ...]:
+    dim = tp_dim(mesh)
+    if dim is None:
+        raise MeshError(f"mesh '{mesh}' has no tensor-parallel dim; name one 'tp' (e.g. 'dp=2,tp=2')")
+    return tuple(p if i == dim else Replicate() for i in range(len(mesh.names)))
+
+
+def make_plan(spec: Any, program: Program, mesh: MeshSpec) -> Plan:
+    """Build the Plan for `program` on `mesh` from a plan spec (see module docstring)."""
+    if isinstance(spec, Plan):
+        return spec
+    plan = Plan(mesh, source=spec if isinstance(spec, str) else "custom")
+    if "dp" in mesh.names:  # data parallel: every tensor input is split on its batch dim
+        d = mesh.names.index("dp")
+        for node in program.placeholders("user"):
+            if isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim() > 0:
+                plan.inputs[node.meta["meshc_name"]] = tuple(
+                    Shard(0) if i == d else Replicate() for i in range(len(mesh.names)))
+    params = {n.meta["meshc_name"]: n for n in program.placeholders("parameter")}
+    if spec is None or spec == "replicate":
+        return plan
+    if spec == "megatron":
+        for fqn, p in megatron_placements(program).items():
+            plan.params[fqn] = _on_tp(mesh, p)
+        return plan
+    if not isinstance(spec, dict):
+        raise MeshError(f"plan must be 'megatron', None, a Plan, or a dict; got {type(spec).__name__}")
+    for pattern, value in spec.items():
+        hits = [f for f in params if fnmatch.fnmatch(f, pattern)]
+        style = _parallel_style(value)
+        if style is not None:  # parallelize_module style: the key names modules
+            hits = [f for f in params if fnmatch.fnmatch(f.rsplit(".", 1)[0], pattern)]
+            for f in hits:  # nn.Linear weight is [out, in]: colwise shards out, rowwise in
+                is_bias = f.endswith(".bias")
+                p = Shard(0) if style == "colwise" else (Replicate() if is_bias else Shard(1))
+                plan.params[f] = _on_tp(mesh, p)
+        else:
+            for f in hits:
+                plan.params[f] = _placements_for(mesh, value, f)
+        if not hits:
+            raise MeshError(f"plan entry {pattern!r} matches no parameter; parameters look like "
+                            f"{', '.join(list(params)[:3])}")
+    return plan
+
+
+def _parallel_style(value: Any) -> str | None:
+    name = type(value).__name__
+    if value in ("colwise", "rowwise"):
+        return value
+    return {"ColwiseParallel": "colwise", "RowwiseParallel": "rowwise"}.get(name)
+
+
+def _placements_for(mesh: MeshSpec, value: Any, fqn: str) -> tuple[Placement, ...]:
+    if isinstance(value, str):
+        value = parse_placement(value)
+    if isinstance(value, Placement):
+        return _on_tp(mesh, value)
+    if isinstance(value, dict):
+        return tuple(_as_placement(value.get(n, Replicate())) for n in mesh.names)
+    value = tuple(_as_placement(v) for v in value)
+    if len(value) != len(mesh.names):
+        raise MeshError(f"plan for {fqn} has {len(value)} placements but mesh '{mesh}' has {len(mesh.names)} dims")
+    return value
+
+
+def _as_placement(v: Any) -> Placement:
+    return parse_placement(v) if isinstance(v, str) else v
+
+
+# ---- Megatron pairs from the graph ------------------------------------------------------------
+
+def linear_weight(node: fx.Node) -> fx.Node | None:
+    """The weight placeholder of a linear-like node whose weight is a parameter, else None."""
+    if node.op != "call_function" or node.target not in LINEAR_OPS:
+        return None
+    w = node.args[LINEAR_OPS[node.target][1]]
+    ok = isinstance(w, fx.Node) and w.op == "placeholder" and w.meta.get("meshc_input") == "parameter"
+    return w if ok else None
+
+
+def find_megatron_pairs(program: Program) -> list[tuple[list[fx.Node], list[fx.Node]]]:
+    """Groups (columns, rows) of linear nodes: every forward path from a column's output stays
+    head-local until it enters a row's activation input; nothing else is reached."""
+    linears = [n for n in program.graph.nodes if linear_weight(n) is not None]
+    col_rows: dict[fx.Node, set[fx.Node]] = {}
+    taken_rows: set[fx.Node] = set()
+    for col in linears:
+        if col in taken_rows:  # a linear is a row of the pair before it or a column, never both
+            continue
+        rows, stack, seen, ok = set(), [col], set(), True
+        while stack and ok:
+            for user in stack.pop().users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if linear_weight(user) is not None and user.args[LINEAR_OPS[user.target][0]] in seen | {col}:
+                    rows.add(user)
+                elif is_head_local(user):
+                    stack.append(user)
+                else:
+                    ok = False
+                    break
+        if ok and rows:
+            col_rows[col] = rows
+            taken_rows |= rows
+    groups: list[tuple[list[fx.Node], list[fx.Node]]] = []
+    for col, rows in col_rows.items():
+        for cols_g, rows_g in groups:
+            if rows & set(rows_g):
+                cols_g.append(col)
+                rows_g.extend(r for r in rows if r not in rows_g)
+                break
+        else:
+            groups.append(([col], sorted(rows, key=lambda n: n.name)))
+    return groups
+
+
+def megatron_placements(program: Program) -> dict[str, Placement]:
+    """Parameter FQN -> placement on the tensor-parallel dim for every Megatron pair found."""
+    out: dict[str, Placement] = {}
+    for cols, rows in find_megatron_pairs(program):
+        for col in cols:
+            _, w_idx, out_dim = LINEAR_OPS[col.target]
+            groups = _split_groups(col)
+            out[linear_weight(col).meta["meshc_name"]] = (
+                InterleavedShard(out_dim, groups) if groups > 1 else Shard(out_dim))
+            bias = _bias(col)
+            if bias is not None:
+                out[bias.meta["meshc_name"]] = InterleavedShard(0, groups) if groups > 1 else Shard(0)
+        for row in rows:
+            _, _, out_dim = LINEAR_OPS[row.target]
+            out[linear_weight(row).meta["meshc_name"]] = Shard(1 - out_dim)
+    return out
+
+
+def _bias(node: fx.Node) -> fx.Node | None:
+    b = node.args[2] if node.target is aten.linear.default and len(node.args) > 2 else (
+        node.args[0] if node.target is aten.addmm.default else None)
+    return b if isinstance(b, fx.Node) and b.meta.get("meshc_input") == "parameter" else None
+
+
+def _split_groups(col: fx.Node) -> int:
+    """k if the column's output (through views) is split into k equal parts on its last dim (fused
+    q|k|v), else 1."""
+    node = col
+    while len(node.users) == 1 and next(iter(node.users)).target in (aten.view.default, aten._unsafe_view.default):
+        node = next(iter(node.users))
+    for user in node.users:
+        if user.target is aten.split.Tensor:
+            size, dim = user.args[1], (user.args[2] if len(user.args) > 2 else 0)
+            total = node.meta["val"].shape[-1]
+            if dim in (-1, node.meta["val"].dim() - 1) and isinstance(size, int) and total % size == 0:
+                return int(total // size)
+    return 1

@@ -1,0 +1,343 @@
+"""spmd_partition: turn a Program and a sharding plan into one rank's local program.
+
+Entry point: the pass `spmd_partition(plan=...)`. Steps, in order:
+
+1. `make_plan` gives every parameter and user input a placement per mesh dim (`meshc.plan`).
+2. Biased row-parallel linears become `linear(x, w) + b`, so the bias is added once, after the
+   reduction.
+3. Placements propagate through every node, one mesh dim at a time, by the rules in
+   `sharding_rules` (`meshc_placement` on each node).
+4. This rank's graph is emitted with local shapes; where a consumer needs a placement its
+   producer does not have, functional collectives are inserted: `all_reduce` (Partial →
+   Replicate), `all_gather_into_tensor` (Shard → Replicate), local `chunk` (Replicate → Shard).
+   Each collective is issued right after its producer and its `wait_tensor` sits right before the
+   first consumer, so independent compute can overlap it. Collectives name their group by mesh
+   dim ('tp'); the runtime binds the real process groups.
+
+User inputs enter replicated (every rank is called with the full inputs) and are chunked locally
+where the plan shards them; outputs are gathered to Replicate. Size values (`sym_size`) stay
+global in the local graph; view sizes on sharded dims are divided by the mesh dim size.
+The pass never touches a process group: `meshc compile --mesh tp=2` prints rank 0's program.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from meshc.collectives import count_collectives
+from meshc.errors import MeshError, NodeError, at_node
+from meshc.passes import sharding_rules as rules
+from meshc.pipeline import register_pass
+from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, local_shape
+from meshc.plan import Plan, make_plan
+from meshc.program import Program
+from torch._guards import detect_fake_mode
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+
+@register_pass("spmd_partition", preserves_semantics=True,
+               description="propagate the sharding plan through every node, insert collectives, emit this rank's graph")
+def spmd_partition(program: Program, *, plan: str = "") -> Program:
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the _c10d_functional ops
+
+    mesh = program.mesh
+    if mesh.size <= 1:
+        return program
+    the_plan = make_plan(plan or program.plan or "megatron", program, mesh)
+    _check_plan(program, the_plan)
+    _split_row_biases(program, the_plan)
+    placements, needs, fallbacks = _propagate(program, the_plan)
+    new_gm = _Emitter(program, placements, needs).emit()
+    program.gm = new_gm
+    program.plan = the_plan
+    _refresh_local_vals(program)
+    kinds = count_collectives(program)
+    program.notes.append(f"spmd_partition: plan '{the_plan.source}' (hash {the_plan.hash()}) on mesh '{mesh}', "
+                         f"rank {program.rank}; collectives per forward: "
+                         + (", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"))
+    if fallbacks:
+        program.notes.append("spmd_partition: ops with no sharding rule ran replicated: "
+                             + ", ".join(sorted(fallbacks)))
+    return program
+
+
+# ---- plan checks and pre-rewrite --------------------------------------------------------------
+
+def _check_plan(program: Program, plan: Plan) -> None:
+    for group in program.tied_groups():
+        fqns = [_fqn(program, name) for name in group]
+        pls = {tuple(describe(p) for p in plan.for_param(f)) for f in fqns}
+        if len(pls) > 1:
+            raise MeshError(f"tied weights {', '.join(fqns)} share one tensor but the plan places them "
+                            f"differently ({' vs '.join(map(str, sorted(pls)))}); give them the same placement")
+    for node in program.placeholders():
+        if node.meta["meshc_input"] not in ("parameter", "user") or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        name = node.meta["meshc_name"]
+        pls = plan.for_param(name) if node.meta["meshc_input"] == "parameter" else plan.for_input(name)
+        shape = node.meta["val"].shape
+        for dim_name, n, p in zip(program.mesh.names, program.mesh.sizes, pls):
+            if not isinstance(p, Shard):
+                continue
+            if p.dim >= len(shape):
+                raise MeshError(f"plan shards {name} on dim {p.dim} but it has only {len(shape)} dims")
+            size = shape[p.dim]
+            unit = n * (p.groups if isinstance(p, InterleavedShard) else 1)
+            if isinstance(size, int) and size % unit:
+                raise MeshError(f"{name} {list(shape)}: dim {p.dim} (size {size}) does not divide over mesh dim "
+                                f"'{dim_name}'={n}" + (f" x {p.groups} groups" if unit != n else "")
+                                + f". Choose a mesh size that divides {size}, or replicate {name}.")
+
+
+def _fqn(program: Program, placeholder_name: str) -> str:
+    return next(n.meta["meshc_name"] for n in program.placeholders() if n.name == placeholder_name)
+
+
+def _split_row_biases(program: Program, plan: Plan) -> None:
+    """linear(x, w, b) / addmm(b, x, w) with a contraction-sharded w -> linear(x, w) + b."""
+    graph = program.graph
+    by_name = {n: n.meta.get("meshc_name") for n in program.placeholders()}
+    for node in list(graph.nodes):
+        if node.target not in (aten.linear.default, aten.addmm.default):
+            continue
+        w_idx, out_dim = (1, 0) if node.target is aten.linear.default else (2, 1)
+        w = node.args[w_idx]
+        b = node.args[0] if node.target is aten.addmm.default else (node.args[2] if len(node.args) > 2 else None)
+        if not isinstance(b, fx.Node) or w not in by_name:
+            continue
+        if not any(isinstance(p, Shard) and p.dim != out_dim for p in plan.for_param(by_name[w])):
+            continue
+        with graph.inserting_before(node):
+            if node.target is aten.linear.default:
+                mm = graph.call_function(aten.linear.default, (node.args[0], w))
+            else:
+                mm = graph.call_function(aten.mm.default, (node.args[1], w))
+            add = graph.call_function(aten.add.Tensor, (mm, b))
+        for new in (mm, add):
+            new.meta.update({k: node.meta[k] for k in ("stack_trace", "nn_module_stack", "val") if k in node.meta})
+            new.meta["meshc_pass"] = "spmd_partition"
+        node.replace_all_uses_with(add)
+        graph.erase_node(node)
+    program.gm.recompile()
+
+
+# ---- propagation ------------------------------------------------------------------------------
+
+def _propagate(program: Program, plan: Plan):
+    """node -> placements (tuple per mesh dim, or list of tuples); node -> {input: needed tuple}."""
+    ndims = len(program.mesh.names)
+    placements: dict[fx.Node, Any] = {}
+    needs: dict[fx.Node, dict[fx.Node, tuple]] = {}
+    fallbacks: set[str] = set()
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            kind, name = node.meta["meshc_input"], node.meta.get("meshc_name")
+            placements[node] = (plan.for_param(name) if kind == "parameter" else
+                                plan.for_input(name) if kind == "user" else plan.replicated())
+            if kind != "user":
+                node.meta["meshc_placement"] = placements[node]
+            continue
+        if node.op == "output":
+            needs[node] = {a: plan.replicated() for a in rules.tensor_inputs(node)}
+            continue
+        per_dim_needs: dict[fx.Node, list[Placement]] = {}
+        outs = []
+        with at_node(node):
+            for i in range(ndims):
+                P = lambda a, i=i: _on_dim(placements.get(a), i)
+                d = rules.decide(node, P)
+                if d.fallback:
+                    fallbacks.add(str(node.target))
+                for a, p in d.needs.items():
+                    per_dim_needs.setdefault(a, [Replicate()] * ndims)[i] = p
+                outs.append(d.out)
+        needs[node] = {a: tuple(v) for a, v in per_dim_needs.items()}
+        if any(isinstance(o, list) for o in outs):
+            placements[node] = [tuple(o[k] if isinstance(o, list) else o for o in outs) for k in range(len(next(
+                o for o in outs if isinstance(o, list))))]
+        else:
+            placements[node] = tuple(outs)
+        _check_divisible(node, placements[node], program)
+        node.meta["meshc_placement"] = placements[node]
+    return placements, needs, fallbacks
+
+
+def _on_dim(p: Any, i: int) -> Any:
+    if p is None:
+        return Replicate()
+    if isinstance(p, list):
+        return [x[i] for x in p]
+    return p[i]
+
+
+def _check_divisible(node: fx.Node, pls: Any, program: Program) -> None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or isinstance(pls, list):
+        return
+    for dim_name, n, p in zip(program.mesh.names, program.mesh.sizes, pls):
+        if isinstance(p, Shard):
+            size = val.shape[p.dim]
+            if isinstance(size, int) and size % n:
+                raise NodeError(node, f"output {list(val.shape)} would be sharded on dim {p.dim} (size {size}) over "
+                                      f"mesh dim '{dim_name}'={n}, which does not divide it. Use a mesh size that "
+                                      f"divides {size} (e.g. the number of attention heads), or another plan.")
+
+
+# ---- emission ---------------------------------------------------------------------------------
+
+class _Emitter:
+    def __init__(self, program: Program, placements, needs):
+        self.p, self.placements, self.needs = program, placements, needs
+        self.mesh = program.mesh
+        self.coords = self.mesh.coords(program.rank)
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.cache: dict[tuple, fx.Node] = {}
+        self.meta_from: fx.Node | None = None
+
+    def emit(self) -> fx.GraphModule:
+        for node in self.p.graph.nodes:
+            self.meta_from = node
+            if node.op == "placeholder":
+                new = self.graph.placeholder(node.name)
+                new.meta = dict(node.meta)
+                self.env[node] = new
+                if node.meta["meshc_input"] == "user" and isinstance(node.meta.get("val"), torch.Tensor):
+                    held = tuple(Replicate() for _ in self.mesh.names)  # callers pass full inputs
+                    self.env[node] = self._redistribute(new, held, self.placements[node])
+            elif node.op == "output":
+                outs = pytree.tree_map_only(fx.Node, lambda a, node=node: self._input(node, a), node.args[0])
+                self.graph.output(outs)
+            else:
+                with at_node(node):
+                    self.env[node] = self._emit_compute(node)
+        return fx.GraphModule(self.p.gm, self.graph)
+
+    def _input(self, consumer: fx.Node, a: fx.Node) -> fx.Node:
+        need = self.needs[consumer].get(a)
+        if need is None:
+            return self.env[a]
+        key = (a, tuple(describe(p) for p in need))
+        if key not in self.cache:
+            self.cache[key] = self._redistribute(self.env[a], self.placements[a], need, early=True)
+        return self.cache[key]
+
+    def _emit_compute(self, node: fx.Node) -> fx.Node:
+        args, kwargs = pytree.tree_map_only(fx.Node, lambda a: self._input(node, a), (node.args, node.kwargs))
+        args = self._localize_args(node, list(args))
+        if node.target is torch.ops.aten.sym_size.int:
+            return self._global_size(node, args)
+        new = self.graph.call_function(node.target, tuple(args), kwargs)
+        new.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        return new
+
+    def _localize_args(self, node: fx.Node, args: list) -> list:
+        """Size arguments that refer to sharded dims become local sizes."""
+        out_pl = self.placements.get(node)
+        if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default):
+            sizes = list(args[1])
+            for p, n in zip(out_pl, self.mesh.sizes):
+                if isinstance(p, Shard) and sizes[p.dim] != -1:
+                    sizes[p.dim] = self._div(sizes[p.dim], n)
+            args[1] = sizes
+        elif node.target is aten.split.Tensor:
+            src_pl = self.placements[node.args[0]]
+            for p, n in zip(src_pl, self.mesh.sizes):
+                if isinstance(p, InterleavedShard) and isinstance(out_pl, list) and isinstance(out_pl[0][0], Shard):
+                    args[1] = self._div(args[1], n)
+        return args
+
+    def _div(self, size: Any, n: int) -> Any:
+        if isinstance(size, fx.Node):
+            return self._call(operator.floordiv, size, n)
+        return size // n
+
+    def _global_size(self, node: fx.Node, args: list) -> fx.Node:
+        local = self._call(node.target, *args)
+        pls, dim = self.placements.get(node.args[0]), node.args[1]
+        factor = 1
+        for p, n in zip(pls or (), self.mesh.sizes):
+            if isinstance(p, Shard) and p.dim == dim:
+                factor *= n
+        return self._call(operator.mul, local, factor) if factor > 1 else local
+
+    def _call(self, target, *args) -> fx.Node:
+        new = self.graph.call_function(target, args)
+        if self.meta_from is not None:
+            new.meta = {k: self.meta_from.meta[k] for k in ("stack_trace", "nn_module_stack")
+                        if k in self.meta_from.meta}
+        new.meta["meshc_pass"] = "spmd_partition"
+        return new
+
+    # -- collectives --
+    def _redistribute(self, x: fx.Node, have: tuple, want: tuple, early: bool = False) -> fx.Node:
+        for i, (h, w) in enumerate(zip(have, want)):
+            if describe(h) == describe(w):
+                continue
+            group, n, r = self.mesh.names[i], self.mesh.sizes[i], self.coords[i]
+            if isinstance(w, Shard):
+                if isinstance(h, Shard) or h.is_partial():
+                    x = self._to_replicate(x, h, group, n, early)
+                x = self._chunk(x, w, n, r)
+            elif w.is_replicate():
+                x = self._to_replicate(x, h, group, n, early)
+            else:
+                raise MeshError(f"cannot produce a {w} tensor from {h}")
+            early = False  # only the first collective can be issued at the producer
+        return x
+
+    def _issue(self, x: fx.Node, early: bool, target, *args) -> fx.Node:
+        if early and x.op != "placeholder":
+            with self.graph.inserting_after(x):
+                return self._call(target, x, *args)
+        return self._call(target, x, *args)
+
+    def _to_replicate(self, x: fx.Node, h: Placement, group: str, n: int, early: bool) -> fx.Node:
+        if h.is_partial():
+            return self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_reduce.default, "sum", group))
+        out = self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_gather_into_tensor.default, n, group))
+        if isinstance(h, InterleavedShard):  # [rank][group] blocks -> [group][rank]
+            parts = self._call(aten.chunk.default, out if h.dim == 0 else self._undo_dim0(out, h.dim, n), n * h.groups,
+                               h.dim)
+            pieces = [self._call(operator.getitem, parts, r * h.groups + g) for g in range(h.groups) for r in range(n)]
+            return self._call(aten.cat.default, pieces, h.dim)
+        return out if h.dim == 0 else self._undo_dim0(out, h.dim, n)
+
+    def _undo_dim0(self, gathered: fx.Node, dim: int, n: int) -> fx.Node:
+        parts = self._call(aten.chunk.default, gathered, n, 0)
+        return self._call(aten.cat.default, [self._call(operator.getitem, parts, r) for r in range(n)], dim)
+
+    def _chunk(self, x: fx.Node, w: Placement, n: int, r: int) -> fx.Node:
+        if isinstance(w, InterleavedShard):
+            blocks = self._call(aten.chunk.default, x, w.groups, w.dim)
+            mine = [self._call(operator.getitem, self._call(aten.chunk.default,
+                                                            self._call(operator.getitem, blocks, g), n, w.dim), r)
+                    for g in range(w.groups)]
+            return self._call(aten.cat.default, mine, w.dim)
+        return self._call(operator.getitem, self._call(aten.chunk.default, x, n, w.dim), r)
+
+
+def _refresh_local_vals(program: Program) -> None:
+    """Placeholders of state get local fake values; every other node's val is recomputed."""
+    from meshc.passes.propagate_shapes import fake_values
+
+    vals = [n.meta.get("val") for n in program.placeholders()]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    for node in program.placeholders():
+        val, pls = node.meta.get("val"), node.meta.get("meshc_placement")
+        if node.meta["meshc_input"] == "user" or not isinstance(val, torch.Tensor) or pls is None:
+            continue
+        shape = local_shape(val.shape, pls, program.mesh.sizes)
+        if list(shape) != list(val.shape):
+            with mode:
+                node.meta["val"] = torch.empty(shape, dtype=val.dtype)
+    values = fake_values(program)
+    for node in program.graph.nodes:
+        if node.op not in ("placeholder", "output") and node.name in values:
+            node.meta["val"] = values[node.name]
