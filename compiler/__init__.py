@@ -22,9 +22,12 @@ from meshc.mesh import MeshSpec
 from meshc.pass_manager import PassManager
 from meshc.pipeline import PASSES, parse_pipeline, register_pass
 from meshc.program import META, Program
+from meshc.runtime.launch import LaunchError, launch
+from meshc.runtime.sharded import load_checkpoint
 
 __all__ = [
     "compile", "capture", "Program", "META", "MeshSpec", "PassManager", "PASSES", "parse_pipeline",
-    "register_pass", "DumpDir", "NumericCheck", "PrintAfterChange", "Timings", "Verify",
+    "register_pass", "launch", "load_checkpoint", "LaunchError",
+    "DumpDir", "NumericCheck", "PrintAfterChange", "Timings", "Verify",
     "MeshcError", "CaptureError", "InputError", "MeshError", "NodeError", "PassError", "PipelineError",
 ]

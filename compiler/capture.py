@@ -79,6 +79,8 @@ def capture(
             continue
         node.meta["meshc_input"] = kinds[node.name]
         node.meta["meshc_name"] = names.get(node.name) or next(user_iter)
+    if any(t.is_meta for t in state.values()):
+        _retarget_meta_factories(gm, args, kwargs)
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -93,6 +95,30 @@ def capture(
         example_inputs=(args, kwargs),
         model_name=type(model).__name__,
     )
+
+
+def _retarget_meta_factories(gm, args, kwargs) -> None:
+    """A model built on 'meta' (weights loaded later, e.g. by meshc.load_checkpoint) bakes
+    device='meta' into factory calls such as position-id aranges. Retarget them, and the state's
+    recorded values, to the device of the inputs, then recompute every node's value."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    meta = torch.device("meta")
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.kwargs.get("device") == meta:
+            node.kwargs = {**node.kwargs, "device": device}
+    gm.recompile()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    for node, val in zip(placeholders, vals):
+        if isinstance(val, torch.Tensor) and val.device == meta:
+            with mode:
+                node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[n.meta.get("val") for n in placeholders])
 
 
 def _export(model, args, kwargs, shapes):

@@ -31,7 +31,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     backend: str = "auto",
     dynamic_shapes: Any = "auto",
     instruments: Sequence[Instrument] = (),
-    plan: Any = None,
+    plan: Any = "megatron",
 ):
     """Compile `model` for `mesh` and return a CompiledModel with the model's call signature.
 
@@ -57,7 +57,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     t1 = time.perf_counter()
     captured_nodes = program.num_nodes()
     if device_mesh is not None:
-        program.rank, program.plan = device_mesh.get_rank(), plan
+        program.rank, program.plan = device_mesh.get_rank(), plan or "replicate"
     program = manager.run(program)
     if device_mesh is not None:
         from meshc.runtime.sharded import prepare_rank

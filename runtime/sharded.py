@@ -117,6 +117,11 @@ def load_checkpoint(compiled, path: str | Path) -> None:
             with safe_open(str(index[key]), framework="pt") as h:
                 loaded[key] = _read_local(h.get_slice(key), node, coords, program.mesh.sizes)
         program.state[node.name] = loaded[key]
+    missing = [_fqn(program, n) for n, t in program.state.items() if t.is_meta]
+    if missing:
+        raise MeshError(f"after loading {path}, {len(missing)} tensor(s) are still on 'meta' (not in the checkpoint, "
+                        f"e.g. non-persistent buffers): {', '.join(missing[:5])}. Build the model on a real device, "
+                        f"or add them to the checkpoint.")
     compiled.rebind()
 
 
