@@ -1,5 +1,5 @@
 # Fresh machine set-up and the two main commands. Each target installs what it needs into .venv.
-#   make demo   - compile llama-tiny, show what the passes did, check against eager
+#   make demo   - run llama-tiny on a local 2-process CPU mesh (tp=2): passes, collectives, check vs eager
 #   make test   - the test suite
 # TORCH pins the PyTorch build; on the CPU machines this project targets, torch==2.13.0 is the
 # local CPU wheel (an unpinned torch would pull gigabytes of CUDA packages).
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/meshc compile llama-tiny --timings --check
+	$(VENV)/bin/meshc run llama-tiny --mesh tp=2
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

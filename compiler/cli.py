@@ -188,7 +188,7 @@ def cmd_run(args) -> int:
                     args.timeout, args.show_program)
     if r["program"]:
         print(r["program"])
-    print(f"\nrank 0: {r['report']}\n")
+    print(f"\nrank 0's compile:\n{r['report']}\n")
     failed = False
     for c in r["checks"]:
         ok = c["max_abs_error"] <= 1e-5
