@@ -53,8 +53,7 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
     _check_plan(program, the_plan)
     _split_row_biases(program, the_plan)
     placements, needs, fallbacks = _propagate(program, the_plan)
-    new_gm = _Emitter(program, placements, needs).emit()
-    program.gm = new_gm
+    program.gm = schedule_waits_late(_Emitter(program, placements, needs).emit())
     program.plan = the_plan
     _refresh_local_vals(program)
     kinds = count_collectives(program)
@@ -321,6 +320,34 @@ class _Emitter:
                     for g in range(w.groups)]
             return self._call(aten.cat.default, mine, w.dim)
         return self._call(operator.getitem, self._call(aten.chunk.default, x, n, w.dim), r)
+
+
+def schedule_waits_late(gm: fx.GraphModule) -> fx.GraphModule:
+    """Reorder so that every `wait_tensor` runs only when nothing else is ready: collectives are
+    issued as soon as their input exists and waited as late as their users allow, so any compute
+    that does not need the result (e.g. the next ladder sub-layer) overlaps the communication.
+    Otherwise the original order is kept (ties go to the earlier node)."""
+    import heapq
+
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    waiting = {n: len(n.all_input_nodes) for n in nodes}
+    ready: list[tuple[int, int]] = []  # (is_wait, index)
+    for n in nodes:
+        if waiting[n] == 0:
+            heapq.heappush(ready, (n.target is c10d.wait_tensor.default, index[n]))
+    order = []
+    while ready:
+        node = nodes[heapq.heappop(ready)[1]]
+        order.append(node)
+        for u in node.users:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, (u.target is c10d.wait_tensor.default or u.op == "output", index[u]))
+    graph, env = fx.Graph(), {}
+    for n in order:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(gm, graph)
 
 
 def _refresh_local_vals(program: Program) -> None:

@@ -1,0 +1,310 @@
+"""Cost model: predicted seconds for collectives, compute and FX nodes on a named device.
+
+meshc's single cost model, shared by auto-sharding, pipeline partitioning and the ladder-residual
+speedup prediction. Entry points:
+
+- `DevicePreset`, `PRESETS`, `get_preset(name_or_preset)`: the hardware figures.
+- `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
+  (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
+  costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`.
+- `compute_time(flops, bytes_moved, preset)`: roofline, max(flops/peak, bytes/bandwidth).
+- `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
+  FakeTensors in `node.meta["val"]` (symbolic sizes are costed at their hint).
+- `calibrate_cpu(seconds)`: measure this machine and return a "cpu-calibrated" preset.
+
+Everything here is arithmetic on numbers and metadata. It must never create, use or query process
+groups or run models, with one exception: `calibrate_cpu` times small kernels, and collectives
+on the default process group when one is already initialized (it never creates one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class DevicePreset:
+    """Per-device figures. peak_flops is for the dtype of interest (fp32 on CPU, bf16 on GPUs).
+
+    alpha: latency of one message step (s); beta: seconds per byte (1 / link bandwidth).
+    Groups that span nodes pay the inter-node link; groups inside a node the intra-node one.
+    """
+
+    name: str
+    peak_flops: float  # FLOP/s per device
+    mem_bandwidth: float  # bytes/s per device
+    intra_alpha: float
+    intra_beta: float
+    inter_alpha: float
+    inter_beta: float
+    devices_per_node: int
+
+    def link(self, inter_node: bool = False) -> tuple[float, float]:
+        """(alpha, beta) of the link a collective uses."""
+        return (self.inter_alpha, self.inter_beta) if inter_node else (self.intra_alpha, self.intra_beta)
+
+
+PRESETS: dict[str, DevicePreset] = {
+    p.name: p
+    for p in (
+        DevicePreset(
+            name="cpu-gloo",
+            peak_flops=50e9,  # ~2-core x86 with AVX2 FMA, fp32 sgemm as measured by torch.mm: tens of GFLOP/s
+            mem_bandwidth=10e9,  # single-socket DDR4, one or two threads of streaming copy
+            intra_alpha=30e-6,  # gloo over loopback TCP: tens of us per message step
+            intra_beta=1 / 2e9,  # ~2 GB/s effective through the TCP stack
+            inter_alpha=30e-6,  # every gloo rank of a test runs on this one host: same link
+            inter_beta=1 / 2e9,
+            devices_per_node=64,  # one host holds all local ranks
+        ),
+        DevicePreset(
+            name="h100-nvlink",
+            peak_flops=989e12,  # H100 SXM datasheet: bf16 dense tensor core (1979e12 is with sparsity)
+            mem_bandwidth=3.35e12,  # H100 SXM datasheet: HBM3 3.35 TB/s
+            intra_alpha=5e-6,  # NCCL ring step over NVLink/NVSwitch, ~5 us (nccl-tests small messages)
+            intra_beta=1 / 450e9,  # NVLink4 900 GB/s bidirectional -> 450 GB/s per direction bus bandwidth
+            inter_alpha=10e-6,  # InfiniBand NDR + NCCL proxy, ~10 us
+            inter_beta=1 / 50e9,  # one 400 Gb/s ConnectX-7 NIC per GPU = 50 GB/s
+            devices_per_node=8,  # HGX H100 8-GPU board
+        ),
+        DevicePreset(
+            name="h200-nvlink",
+            peak_flops=989e12,  # H200 SXM datasheet: same Hopper compute as H100, bf16 dense
+            mem_bandwidth=4.8e12,  # H200 SXM datasheet: HBM3e 4.8 TB/s
+            intra_alpha=5e-6,  # same NVLink4/NVSwitch fabric as HGX H100
+            intra_beta=1 / 450e9,
+            inter_alpha=10e-6,  # same 400 Gb/s InfiniBand per GPU as above
+            inter_beta=1 / 50e9,
+            devices_per_node=8,  # HGX H200 8-GPU board
+        ),
+    )
+}
+
+
+def get_preset(name_or_preset: str | DevicePreset) -> DevicePreset:
+    """A DevicePreset from its name in PRESETS, or the preset itself."""
+    if isinstance(name_or_preset, DevicePreset):
+        return name_or_preset
+    if not isinstance(name_or_preset, str):
+        raise TypeError(f"expected a preset name or a DevicePreset, got {type(name_or_preset).__name__}")
+    if name_or_preset in PRESETS:
+        return PRESETS[name_or_preset]
+    close = difflib.get_close_matches(name_or_preset, PRESETS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(
+        f"unknown device preset {name_or_preset!r}{hint}; valid names: {', '.join(sorted(PRESETS))}, "
+        f"or pass a DevicePreset (e.g. the one calibrate_cpu() returns)"
+    )
+
+
+# ---- collectives: alpha-beta cost of ring algorithms; nbytes is the full (unsharded) tensor ----
+
+
+def _ring(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool, rounds: int) -> float:
+    if n < 1 or nbytes < 0:
+        raise ValueError(f"collective cost needs group size n >= 1 and nbytes >= 0, got n={n}, nbytes={nbytes}")
+    if n == 1:
+        return 0.0
+    alpha, beta = get_preset(preset).link(inter_node)
+    return rounds * ((n - 1) / n * nbytes * beta + (n - 1) * alpha)
+
+
+def all_reduce_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
+    """Ring all-reduce = reduce-scatter + all-gather: 2(n-1)/n * nbytes * beta + 2(n-1) * alpha."""
+    return _ring(nbytes, n, preset, inter_node, rounds=2)
+
+
+def all_gather_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
+    """Ring all-gather of a tensor of nbytes in total: (n-1)/n * nbytes * beta + (n-1) * alpha."""
+    return _ring(nbytes, n, preset, inter_node, rounds=1)
+
+
+def reduce_scatter_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
+    """Ring reduce-scatter of an nbytes input: (n-1)/n * nbytes * beta + (n-1) * alpha."""
+    return _ring(nbytes, n, preset, inter_node, rounds=1)
+
+
+def all_to_all_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
+    """All-to-all of an nbytes tensor (each rank keeps 1/n): (n-1)/n * nbytes * beta + (n-1) * alpha."""
+    return _ring(nbytes, n, preset, inter_node, rounds=1)
+
+
+COLLECTIVE_TIME: dict[str, Callable[..., float]] = {
+    "all_reduce": all_reduce_time,
+    "all_gather_into_tensor": all_gather_time,
+    "reduce_scatter_tensor": reduce_scatter_time,
+    "all_to_all_single": all_to_all_time,
+}  # keys == meshc.collectives.COLLECTIVES (tested)
+
+
+def collective_time(kind: str, nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
+    """Seconds for collective `kind` (a name in meshc.collectives.COLLECTIVES) over n devices."""
+    if kind not in COLLECTIVE_TIME:
+        raise ValueError(f"unknown collective {kind!r}; known: {', '.join(sorted(COLLECTIVE_TIME))}")
+    return COLLECTIVE_TIME[kind](nbytes, n, preset, inter_node)
+
+
+def compute_time(flops: float, bytes_moved: float, preset: DevicePreset | str) -> float:
+    """Roofline: a kernel is bound by arithmetic or by memory traffic, whichever is slower."""
+    p = get_preset(preset)
+    return max(flops / p.peak_flops, bytes_moved / p.mem_bandwidth)
+
+
+def size_hint(s: int | torch.SymInt) -> int:
+    """A concrete int for a possibly symbolic size: its hint from torch.export's ShapeEnv."""
+    if isinstance(s, int):
+        return s
+    hint = s.node.hint
+    return int(hint) if hint is not None else int(s.node.shape_env.size_hint(s.node.expr))
+
+
+def _numel(t: torch.Tensor) -> int:
+    return math.prod(size_hint(s) for s in t.shape)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return _numel(t) * t.dtype.itemsize
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in a meta value (a tensor, or a tuple/list of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _input_tensors(node: fx.Node) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.extend(_tensors(a.meta.get("val"))))
+    return out
+
+
+# matmul-like op -> index of the arg whose last dim is the contraction dim K; flops = 2 * numel(out) * K
+_MATMUL_LHS = {
+    aten.linear.default: 0,  # x[..., K] @ weight[N, K].T
+    aten.mm.default: 0,  # a[M, K] @ b[K, N]
+    aten.addmm.default: 1,  # bias + a[M, K] @ b[K, N]
+    aten.bmm.default: 0,  # a[B, M, K] @ b[B, K, N]
+    aten.baddbmm.default: 1,
+    aten.matmul.default: 0,
+}
+# ops that move no data of their own (tuple indexing, size queries)
+_FREE = {operator.getitem, aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+
+
+def node_flops_and_bytes(node: fx.Node) -> tuple[int, int]:
+    """(FLOPs, bytes read + written) of one ATen FX node, from the FakeTensors in its meta["val"].
+
+    matmuls: 2*M*N*K; SDPA: 4*B*H*Sq*Sk*D (flash-style bytes: q, k, v, mask, out); embedding: no
+    FLOPs, the output's bytes; reductions: numel of the input; every other op (pointwise and
+    unknown): numel of the output, reading all tensor inputs and writing the output. Views,
+    getitem, size queries, placeholders, outputs, collectives (see collective_time) and nodes
+    without a tensor value cost (0, 0).
+    """
+    if node.op != "call_function" or node.target in _FREE:
+        return 0, 0
+    target = node.target
+    if getattr(target, "is_view", False) or getattr(target, "namespace", "") == "_c10d_functional":
+        return 0, 0
+    outs = _tensors(node.meta.get("val"))
+    if not outs:
+        return 0, 0
+    ins = _input_tensors(node)
+    out_bytes = sum(_nbytes(t) for t in outs)
+    io_bytes = sum(_nbytes(t) for t in ins) + out_bytes
+    if target in _MATMUL_LHS:
+        lhs = node.args[_MATMUL_LHS[target]].meta["val"]
+        return 2 * _numel(outs[0]) * size_hint(lhs.shape[-1]), io_bytes
+    if target == aten.scaled_dot_product_attention.default:
+        q, k, v = (a.meta["val"] for a in node.args[:3])
+        batch_heads = math.prod(size_hint(s) for s in q.shape[:-2])
+        sq, sk = size_hint(q.shape[-2]), size_hint(k.shape[-2])
+        d, dv = size_hint(q.shape[-1]), size_hint(v.shape[-1])
+        return 2 * batch_heads * sq * sk * (d + dv), io_bytes  # QK^T and PV; = 4*B*H*Sq*Sk*D when dv == d
+    if target == aten.embedding.default:
+        return 0, out_bytes
+    if torch.Tag.reduction in getattr(target, "tags", ()):
+        return max((_numel(t) for t in ins), default=0), io_bytes
+    return sum(_numel(t) for t in outs), io_bytes
+
+
+def node_time(node: fx.Node, preset: DevicePreset | str) -> float:
+    """Predicted seconds for one FX node's compute on `preset` (roofline of node_flops_and_bytes)."""
+    return compute_time(*node_flops_and_bytes(node), preset)
+
+
+def _best_time(fn: Callable[[], object], budget: float) -> float:
+    """Fastest of repeated calls of fn within `budget` seconds (at least 3 calls after a warm-up)."""
+    fn()
+    best, calls, start = math.inf, 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < budget:
+        t0 = time.perf_counter()
+        fn()
+        best, calls = min(best, time.perf_counter() - t0), calls + 1
+    return max(best, 1e-9)
+
+
+def _fit_collectives(base: DevicePreset) -> tuple[float, float]:
+    """(alpha, beta) fitted from all_reduce of 1 KB and 4 MB on the default process group."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    if n == 1:
+        return base.intra_alpha, base.intra_beta
+    times = []
+    for numel in (256, 1 << 20):  # 1 KB and 4 MB of float32
+        buf = torch.zeros(numel)
+        samples = []
+        for i in range(8):  # a fixed count: every rank must issue the same collectives
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(buf)
+            if i >= 2:
+                samples.append(time.perf_counter() - t0)
+        times.append(min(samples))  # the least disturbed run: the other job on a CPU only adds time
+    (t_small, t_large), (b_small, b_large) = times, (256 * 4, (1 << 20) * 4)
+    ring = 2 * (n - 1) / n  # all_reduce_time = ring * nbytes * beta + 2(n-1) * alpha
+    beta = max((t_large - t_small) / (ring * (b_large - b_small)), 1e-15)
+    alpha = max((t_small - ring * b_small * beta) / (2 * (n - 1)), 1e-9)
+    return alpha, beta
+
+
+def calibrate_cpu(seconds: float = 2.0) -> DevicePreset:
+    """Measure this CPU and return a preset named "cpu-calibrated".
+
+    peak_flops from a 512x512 float32 matmul, mem_bandwidth from copying a 32 MB tensor (read +
+    write). Collectives are calibrated only when torch.distributed already has a default gloo process
+    group: then a few all_reduce of 1 KB and 4 MB fit alpha and beta (for both links), and every
+    rank takes rank 0's figures so that all ranks plan alike. Without a process group alpha and
+    beta stay those of "cpu-gloo". Call it on every rank or on none.
+    """
+    import torch.distributed as dist
+
+    base, budget = PRESETS["cpu-gloo"], max(seconds, 0.0) / 2
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with torch.no_grad():
+        peak = 2 * 512**3 / _best_time(lambda: torch.mm(a, b), budget)
+        src = torch.randn(8 << 20)  # 32 MB of float32
+        dst = torch.empty_like(src)
+        bandwidth = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), budget)
+    figures = dict(peak_flops=peak, mem_bandwidth=bandwidth)
+    if dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend()):
+        alpha, beta = _fit_collectives(base)
+        agreed = torch.tensor([peak, bandwidth, alpha, beta], dtype=torch.float64)
+        dist.broadcast(agreed, src=0)
+        peak, bandwidth, alpha, beta = agreed.tolist()
+        figures = dict(peak_flops=peak, mem_bandwidth=bandwidth, intra_alpha=alpha, intra_beta=beta,
+                       inter_alpha=alpha, inter_beta=beta)
+    return replace(base, name="cpu-calibrated", **figures)

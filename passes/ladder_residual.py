@@ -1,0 +1,75 @@
+"""ladder_residual: sub-layer k reads the residual stream from `delay` steps earlier.
+
+Entry point: the pass `ladder_residual(layers="all", delay=1)`. With sub-layers numbered
+k = 1..2L (attention, MLP, attention, ...) and h_k(x) = F_k(Norm_k(x)):
+
+    standard:  x_k = x_{k-1} + h_k(x_{k-1})
+    ladder:    x_k = x_{k-1} + h_k(x_{k-1-delay})        (x_j = x_0 for j < 0)
+
+so under tensor parallelism the all-reduce of h_k no longer blocks sub-layer k+1 and runs while
+it computes (spmd_partition schedules waits as late as dependencies allow). No parameters are
+added; the model computes something else and must be healed (Ladder Residual, 2025).
+`delay=0` leaves the Program unchanged. The residual stream is found from the graph
+(`residual_stream.py`); `layers` selects transformer layers (two sub-layers each): `all`,
+`last:N`, `first:N`, or a 0-based range `i-j` (inclusive).
+"""
+
+from __future__ import annotations
+
+import re
+
+from meshc.errors import MeshcError
+from meshc.passes.residual_stream import find_residual_stream
+from meshc.pipeline import register_pass
+from meshc.program import Program
+
+
+def select_layers(spec: str, n_layers: int) -> list[int]:
+    """0-based transformer layer indices named by `spec`."""
+    s = spec.strip()
+    if s == "all":
+        return list(range(n_layers))
+    if m := re.fullmatch(r"(last|first):(\d+)", s):
+        n = int(m.group(2))
+        if not 1 <= n <= n_layers:
+            raise MeshcError(f"layers={s}: the model has {n_layers} layers; N must be in 1..{n_layers}")
+        return list(range(n_layers - n, n_layers)) if m.group(1) == "last" else list(range(n))
+    if m := re.fullmatch(r"(\d+)(?:-(\d+))?", s):
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not 0 <= lo <= hi < n_layers:
+            raise MeshcError(f"layers={s}: layer indices must lie in 0..{n_layers - 1}")
+        return list(range(lo, hi + 1))
+    raise MeshcError(f"layers={spec!r}: write all, last:N, first:N, an index i or a range i-j (0-based)")
+
+
+@register_pass("ladder_residual", preserves_semantics=False,
+               description="sub-layers read the residual stream one step earlier, so all-reduces overlap compute")
+def ladder_residual(program: Program, *, layers: str = "all", delay: int = 1) -> Program:
+    if delay < 0:
+        raise MeshcError(f"ladder_residual: delay must be >= 0, got {delay}")
+    stream = find_residual_stream(program)
+    n_sub = len(stream)
+    if n_sub % 2:
+        raise MeshcError(f"ladder_residual: found {n_sub} residual sub-layers, an odd number, so they do not pair "
+                         f"into (attention, MLP) layers; the stream ends at %{stream.adds[-1].name}")
+    chosen = select_layers(layers, n_sub // 2)
+    subs = [k for layer in chosen for k in (2 * layer + 1, 2 * layer + 2)]
+    if delay == 0:
+        program.notes.append("ladder_residual: delay=0, Program unchanged")
+        return program
+    bodies = {k: stream.body(k) for k in subs}  # before any rewiring
+    rewired = []
+    for k in subs:
+        old, new = stream.xs[k - 1], stream.xs[max(0, k - 1 - delay)]
+        if old is new:
+            continue
+        for node in bodies[k]:
+            if old in node.all_input_nodes:
+                node.replace_input_with(old, new)
+                node.meta["meshc_pass"] = "ladder_residual"
+        rewired.append(k)
+    program.gm.recompile()
+    program.notes.append(
+        f"ladder_residual: {n_sub // 2} layers / {n_sub} sub-layers found; rewired sub-layers {rewired} "
+        f"(layers {chosen[0]}..{chosen[-1]}) to read x_(k-{1 + delay})")
+    return program

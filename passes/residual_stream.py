@@ -1,0 +1,106 @@
+"""Find the residual stream of a pre-norm decoder from the graph alone (no module names).
+
+Entry point: `find_residual_stream(program) -> ResidualStream`. A *residual add* is an
+`aten.add.Tensor(x, h)` whose output has x's shape and where `x` is an ancestor of `h` (the
+sub-layer h = F(Norm(x)) reads the stream it is added to). Residual adds chained through their
+`x` argument form streams; the longest is the model's residual stream:
+
+    x_0 -> add_1 = x_0 + h_1(x_0) -> add_2 = add_1 + h_2(add_1) -> ... -> x_2L
+
+Sub-layer k (1-based) is `h_k`; its *body* is every node between the stream value it reads and
+`h_k`. Used by ladder_residual (and by FFN fusion to find consecutive sub-layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from meshc.errors import MeshcError, NodeError
+from meshc.program import Program
+
+aten = torch.ops.aten
+
+
+@dataclass
+class ResidualStream:
+    xs: list[fx.Node]  # x_0, x_1, ..., x_n: stream values (x_k = adds[k-1] for k >= 1)
+    adds: list[fx.Node]  # the residual add of each sub-layer
+    hs: list[fx.Node]  # the sub-layer outputs h_1..h_n added into the stream
+
+    def __len__(self) -> int:
+        return len(self.adds)
+
+    def body(self, k: int) -> set[fx.Node]:
+        """Nodes of sub-layer k (1-based) that depend on x_{k-1} and feed h_k (h_k included)."""
+        return _between(self.xs[k - 1], self.hs[k - 1])
+
+
+def _ancestors(node: fx.Node, stop: set[fx.Node] | None = None) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                if not stop or a not in stop:
+                    stack.append(a)
+    return seen
+
+
+def _between(src: fx.Node, dst: fx.Node) -> set[fx.Node]:
+    """Nodes on some path src -> dst (excluding src, including dst)."""
+    up = _ancestors(dst) | {dst}
+    out, stack = set(), [src]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in up and u not in out:
+                out.add(u)
+                stack.append(u)
+    return out
+
+
+def _residual_pair(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(x, h) if `node` is x + h with x an ancestor of h and the output shaped like x."""
+    if node.op != "call_function" or node.target is not aten.add.Tensor or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    for x, h in ((a, b), (b, a)):
+        xv, ov = x.meta.get("val"), node.meta.get("val")
+        if not (isinstance(xv, torch.Tensor) and isinstance(ov, torch.Tensor)):
+            continue
+        if str(xv.shape) == str(ov.shape) and x in _ancestors(h):
+            return x, h
+    return None
+
+
+def find_residual_stream(program: Program, min_length: int = 2) -> ResidualStream:
+    """The longest chain of residual adds. Raises a NodeError naming where the longest chain
+    broke if it has fewer than `min_length` sub-layers."""
+    pairs = {n: p for n in program.graph.nodes if (p := _residual_pair(n)) is not None}
+    best: list[fx.Node] = []
+    for start in pairs:
+        if pairs[start][0] in pairs:  # not the head of a chain
+            continue
+        chain = [start]
+        while True:
+            nxt = [u for u in chain[-1].users if u in pairs and pairs[u][0] is chain[-1]]
+            if len(nxt) != 1:
+                break
+            chain.append(nxt[0])
+        if len(chain) > len(best):
+            best = chain
+    if len(best) < min_length:
+        if not best:
+            raise MeshcError("no residual add (x + F(x) with matching shapes) in the graph: this is not a "
+                             "residual network, so there is no residual stream to rewire")
+        last = best[-1]
+        users = ", ".join(f"%{u.name}" for u in last.users) or "nothing"
+        raise NodeError(last, f"the residual stream has only {len(best)} sub-layer(s): after this add the "
+                              f"stream goes to {users}, and none of them is `stream + F(stream)`")
+    xs = [pairs[best[0]][0], *best]
+    return ResidualStream(xs=xs, adds=best, hs=[pairs[a][1] for a in best])
