@@ -183,6 +183,42 @@ class Program:
         args, kwargs = self.example_inputs
         return self.run(*args, **kwargs)
 
+    def to_module(self) -> ProgramModule:
+        """An nn.Module running this Program whose parameters are the Program's parameter tensors
+        (trainable, tied weights one Parameter): for fine-tuning a rewritten model ("healing")."""
+        return ProgramModule(self)
+
+
+class ProgramModule(torch.nn.Module):
+    """A Program as a trainable module: `state_dict()` keys are the model's own FQNs."""
+
+    def __init__(self, program: Program):
+        super().__init__()
+        self.program = program
+        self.tensors = torch.nn.ParameterDict()
+        self._order: list[tuple[str, str]] = []  # (placeholder name, key in self.tensors)
+        by_id: dict[int, str] = {}
+        for node in program.placeholders():
+            if node.meta["meshc_input"] == "user":
+                continue
+            t = program.state[node.name]
+            key = by_id.setdefault(id(t), node.meta["meshc_name"].replace(".", "/"))
+            if key not in self.tensors:
+                trainable = node.meta["meshc_input"] == "parameter" and t.is_floating_point()
+                self.tensors[key] = torch.nn.Parameter(t.detach().clone(), requires_grad=trainable)
+            self._order.append((node.name, key))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self.program.bind_inputs(args, kwargs)
+        state = [self.tensors[key] for _, key in self._order]
+        return self.program.unflatten_outputs(self.program.gm(*state, *flat))
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The current parameters under the model's FQNs (tied weights under each name); buffers,
+        which training does not change, are left out (as in a Hugging Face checkpoint)."""
+        kinds = {n.name: (n.meta["meshc_name"], n.meta["meshc_input"]) for n in self.program.placeholders()}
+        return {kinds[ph][0]: self.tensors[key].detach() for ph, key in self._order if kinds[ph][1] == "parameter"}
+
 
 def _check_input(node: fx.Node, value: Any) -> None:
     """Raise an InputError if `value` cannot be fed to placeholder `node` (dtype, rank, static dims)."""

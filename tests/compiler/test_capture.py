@@ -90,3 +90,20 @@ def test_capture_does_not_mutate_the_model(gpt2):
     meshc.capture(gpt2.model, (ids(1, 8),), gpt2.example_kwargs)
     after = gpt2.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_program_as_trainable_module_keeps_ties_and_trains(gpt2):
+    import meshc
+
+    program = meshc.capture(gpt2.model, gpt2.example_inputs, gpt2.example_kwargs, dynamic_shapes="auto")
+    module = program.to_module()
+    n_model = sum(p.numel() for p in gpt2.model.parameters())  # tied wte/lm_head counted once
+    assert sum(p.numel() for p in module.parameters() if p.requires_grad) == n_model
+    ids = gpt2.inputs_at(3, 20)[0]
+    with torch.no_grad():
+        assert torch.equal(module(ids).logits, gpt2.model(ids, use_cache=False).logits)
+    module(ids).logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+    state = module.export_state()
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()  # still tied
+    assert set(state) == {k for k, _ in gpt2.model.named_parameters()} | {"lm_head.weight"}
