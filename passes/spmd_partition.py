@@ -280,7 +280,12 @@ class _Emitter:
             if describe(h) == describe(w):
                 continue
             group, n, r = self.mesh.names[i], self.mesh.sizes[i], self.coords[i]
-            if isinstance(w, Shard):
+            plain = type(w) is Shard and (type(h) is Shard or h.is_partial())
+            if plain and h.is_partial():
+                x = self._reduce_scatter(x, w.dim, group, n)
+            elif plain:
+                x = self._all_to_all(x, h.dim, w.dim, group, n)
+            elif isinstance(w, Shard):
                 if isinstance(h, Shard) or h.is_partial():
                     x = self._to_replicate(x, h, group, n, early)
                 x = self._chunk(x, w, n, r)
@@ -307,6 +312,26 @@ class _Emitter:
             pieces = [self._call(operator.getitem, parts, r * h.groups + g) for g in range(h.groups) for r in range(n)]
             return self._call(aten.cat.default, pieces, h.dim)
         return out if h.dim == 0 else self._undo_dim0(out, h.dim, n)
+
+    def _to_dim0(self, x: fx.Node, dim: int, n: int) -> fx.Node:
+        """Blocks along `dim` stacked along dim 0 (block j first-dim-major), as dim-0 collectives want."""
+        if dim == 0:
+            return x
+        parts = self._call(aten.chunk.default, x, n, dim)
+        return self._call(aten.cat.default, [self._call(operator.getitem, parts, j) for j in range(n)], 0)
+
+    def _reduce_scatter(self, x: fx.Node, dim: int, group: str, n: int) -> fx.Node:
+        """Partial -> Shard(dim): each rank receives the sum of its block only."""
+        rs = self._call(c10d.reduce_scatter_tensor.default, self._to_dim0(x, dim, n), "sum", n, group)
+        return self._call(c10d.wait_tensor.default, rs)
+
+    def _all_to_all(self, x: fx.Node, src: int, dst: int, group: str, n: int) -> fx.Node:
+        """Shard(src) -> Shard(dst): block j of `dst` goes to rank j; received blocks join on `src`."""
+        stacked = self._to_dim0(x, dst, n)
+        split = self._call(operator.floordiv, self._call(aten.sym_size.int, stacked, 0), n)
+        out = self._call(c10d.wait_tensor.default, self._call(
+            c10d.all_to_all_single.default, stacked, [split] * n, [split] * n, group))
+        return out if src == 0 else self._undo_dim0(out, src, n)
 
     def _undo_dim0(self, gathered: fx.Node, dim: int, n: int) -> fx.Node:
         parts = self._call(aten.chunk.default, gathered, n, 0)

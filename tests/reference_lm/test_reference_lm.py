@@ -191,3 +191,22 @@ def test_shipped_model_beats_gzip_and_generates():
     assert bpb < gzip_bits_per_byte()
     text = greedy_generate(model, "def ", max_new_tokens=40)
     assert text.startswith("def ") and len(text) > 10
+
+
+def _bpb_on_mesh(device_mesh, max_bytes):
+    import meshc
+    from meshc.reference_lm.quality import bits_per_byte
+
+    model = ref.load_reference_lm() if ref.WEIGHTS_FILE.exists() else ref.build_reference_lm(0).eval()
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs={"use_cache": False})
+    return bits_per_byte(model, max_bytes=max_bytes, progress=False), bits_per_byte(
+        compiled, max_bytes=max_bytes, progress=False)
+
+
+@pytest.mark.timeout(300)
+def test_bits_per_byte_is_the_same_compiled_on_tp2():
+    from meshc.runtime import launch
+
+    for eager, sharded in launch(_bpb_on_mesh, "tp=2", 3000, timeout=240):
+        assert abs(eager - sharded) <= 1e-4, (eager, sharded)

@@ -89,3 +89,42 @@ def test_meta_captured_model_loads_only_local_slices(tmp_path):
     for on_meta_before, err, tied_ok in launch(_meta_model_loads_its_shards, "tp=2", str(tmp_path), timeout=240):
         assert on_meta_before and tied_ok
         assert err <= 1e-5
+
+
+class _Mix(__import__("torch").nn.Module):
+    """Partial + Shard(0) needs a reduce-scatter; Shard(0) + Shard(1) needs an all-to-all."""
+
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.row = torch.nn.Linear(8, 8, bias=False)
+        self.a = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+        self.c = torch.nn.Parameter(torch.randn(4, 8, generator=g))
+
+    def forward(self, x):
+        return self.row(x) + self.c, (self.a + self.b) * 2
+
+
+def _mix_rank(device_mesh):
+    import meshc
+    import torch
+    from meshc.collectives import count_collectives
+    from meshc.numerics import max_abs_error
+
+    torch.manual_seed(0)
+    model, x = _Mix(), torch.randn(4, 8)
+    plan = {"row.weight": "S(1)", "a": "S(0)", "b": "S(1)", "c": "S(0)"}
+    compiled = meshc.compile(model, device_mesh, example_inputs=(x,), plan=plan, dynamic_shapes=None)
+    with torch.no_grad():
+        return max_abs_error(model(x), compiled(x))[0], count_collectives(compiled.program)
+
+
+@pytest.mark.timeout(120)
+def test_reduce_scatter_and_all_to_all_transitions():
+    for err, counts in launch(_mix_rank, "tp=2", timeout=90):
+        assert err <= 1e-6
+        kinds = {k.split("@")[0] for k in counts}
+        assert {"reduce_scatter_tensor", "all_to_all_single"} <= kinds, counts
