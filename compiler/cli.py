@@ -1,6 +1,6 @@
 """The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
 
-Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `show`, `bisect`. The CLI holds no
+Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`. The CLI holds no
 compiler logic of its own: each command builds a pipeline string and instruments and calls the
 library. Errors meshc raises on purpose print as one clear message and exit with status 2.
 """
@@ -64,12 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="MODEL", help=EPILOG)
     s.add_argument("--mesh", required=True, help="device mesh, e.g. tp=2, tp=4 or dp=2,tp=2")
     s.add_argument("--plan", default="megatron", help="sharding plan: megatron (default) or replicate")
+    s.add_argument("--pipeline", default="default",
+                   help="pipeline, e.g. 'dce,auto_shard(budget=0.5),spmd_partition,lint' or with ladder_residual")
     s.add_argument("--batch", type=int, default=2, help="batch size (built-ins)")
     s.add_argument("--seq", type=int, default=16, help="first sequence length; a second one is 2*seq+1")
     s.add_argument("--iters", type=int, default=5, help="timed forward calls per rank")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails the run")
     s.add_argument("--show-program", action="store_true", help="print rank 0's local program")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("explain", help="auto_shard's plan: per-layer placements, collectives, predicted costs",
+                       epilog=EPILOG)
+    s.add_argument("model", metavar="MODEL", help=EPILOG)
+    s.add_argument("--mesh", required=True, help="device mesh, e.g. tp=4")
+    s.add_argument("--budget", type=float, default=None,
+                   help="per-rank parameter bytes, or a fraction of all parameter bytes (default: none)")
+    s.add_argument("--preset", default="cpu-gloo", help="device preset of the cost model (cpu-gloo, h100-nvlink, ...)")
+    s.add_argument("--node", default=None, help="show one node's strategies and why the chosen one won")
+    s.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds")
+    s.set_defaults(func=cmd_explain, batch=2, seq=16, static=False, pipeline="dce")
 
     s = sub.add_parser("show", help="print the IR after one pass (or its diff)", epilog=EPILOG)
     model_args(s)
@@ -185,7 +198,7 @@ def cmd_run(args) -> int:
     print(f"meshc run {args.model} on a local mesh '{spec}' ({spec.size} processes, plan {args.plan})", flush=True)
     plan = None if args.plan == "replicate" else args.plan
     r = run_on_mesh(args.model, str(spec), plan, args.batch, (args.seq, 2 * args.seq + 1), args.iters,
-                    args.timeout, args.show_program)
+                    args.timeout, args.show_program, args.pipeline)
     if r["program"]:
         print(r["program"])
     print(f"\nrank 0's compile:\n{r['report']}\n")
@@ -199,6 +212,22 @@ def cmd_run(args) -> int:
     print(f"parameters per rank (MiB): {per_rank} of {r['full_param_bytes'] / 2**20:.2f} in the model")
     print(f"compile {r['compile_s']:.1f} s; forward median {r['forward_ms_median']:.1f} ms on rank 0")
     return 1 if failed else 0
+
+
+def cmd_explain(args) -> int:
+    import meshc
+    from meshc.passes.auto_shard import explain, solve_sharding
+    from meshc.plan import make_plan
+
+    loaded, spec, _ = _load(args)
+    program = meshc.PassManager("dce").run(meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
+                                                         dynamic_shapes="auto", mesh=spec))
+    solution = solve_sharding(program, args.budget, args.preset, args.time_limit)
+    baseline = solve_sharding(program, None, args.preset, args.time_limit,
+                              fixed_plan=make_plan("megatron", program, spec))
+    print(f"meshc explain {args.model} on mesh '{spec}' (preset {args.preset}, budget {args.budget})\n")
+    print(explain(solution, baseline, args.node))
+    return 0
 
 
 def _programs_by_step(args):

@@ -232,7 +232,8 @@ def _split_groups(col: fx.Node) -> int:
     """k if the column's output (through views) is split into k equal parts on its last dim (fused
     q|k|v), else 1."""
     node = col
-    while len(node.users) == 1 and next(iter(node.users)).target in (aten.view.default, aten._unsafe_view.default):
+    passthrough = (aten.view.default, aten._unsafe_view.default, aten.add.Tensor)  # add: a split-off bias
+    while len(node.users) == 1 and next(iter(node.users)).target in passthrough:
         node = next(iter(node.users))
     for user in node.users:
         if user.target is aten.split.Tensor:

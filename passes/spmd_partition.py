@@ -51,7 +51,7 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
         return program
     the_plan = make_plan(plan or program.plan or "megatron", program, mesh)
     _check_plan(program, the_plan)
-    _split_row_biases(program, the_plan)
+    split_biases(program, the_plan)
     placements, needs, fallbacks = _propagate(program, the_plan)
     program.gm = schedule_waits_late(_Emitter(program, placements, needs).emit())
     program.plan = the_plan
@@ -98,8 +98,9 @@ def _fqn(program: Program, placeholder_name: str) -> str:
     return next(n.meta["meshc_name"] for n in program.placeholders() if n.name == placeholder_name)
 
 
-def _split_row_biases(program: Program, plan: Plan) -> None:
-    """linear(x, w, b) / addmm(b, x, w) with a contraction-sharded w -> linear(x, w) + b."""
+def split_biases(program: Program, plan: Plan | None) -> None:
+    """linear(x, w, b) / addmm(b, x, w) -> linear(x, w) + b where `plan` shards w's contraction dim
+    (every biased linear if `plan` is None: auto_shard searches on that form)."""
     graph = program.graph
     by_name = {n: n.meta.get("meshc_name") for n in program.placeholders()}
     for node in list(graph.nodes):
@@ -110,7 +111,7 @@ def _split_row_biases(program: Program, plan: Plan) -> None:
         b = node.args[0] if node.target is aten.addmm.default else (node.args[2] if len(node.args) > 2 else None)
         if not isinstance(b, fx.Node) or w not in by_name:
             continue
-        if not any(isinstance(p, Shard) and p.dim != out_dim for p in plan.for_param(by_name[w])):
+        if plan is not None and not any(isinstance(p, Shard) and p.dim != out_dim for p in plan.for_param(by_name[w])):
             continue
         with graph.inserting_before(node):
             if node.target is aten.linear.default:
@@ -232,7 +233,10 @@ class _Emitter:
         args = self._localize_args(node, list(args))
         if node.target is torch.ops.aten.sym_size.int:
             return self._global_size(node, args)
-        new = self.graph.call_function(node.target, tuple(args), kwargs)
+        target = node.target
+        if target in (aten.view.default, aten._unsafe_view.default):
+            target = aten.reshape.default  # a local chunk may not be viewable where the global tensor was
+        new = self.graph.call_function(target, tuple(args), kwargs)
         new.meta = {k: v for k, v in node.meta.items() if k != "val"}
         return new
 

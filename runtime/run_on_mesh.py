@@ -16,10 +16,11 @@ import torch
 
 
 def run_on_mesh(model: str, mesh: str, plan: Any = "megatron", batch: int = 2, seqs: tuple[int, ...] = (16, 33),
-                iters: int = 5, timeout: float = 120.0, show_program: bool = False) -> dict:
+                iters: int = 5, timeout: float = 120.0, show_program: bool = False, pipeline: str = "default") -> dict:
     from meshc.runtime.launch import launch
 
-    results = launch(_rank_main, mesh, model, plan, batch, tuple(seqs), iters, show_program, timeout=timeout)
+    results = launch(_rank_main, mesh, model, plan, batch, tuple(seqs), iters, show_program, pipeline,
+                     timeout=timeout)
     report = dict(results[0])
     report["max_abs_error"] = max(r["max_abs_error"] for r in results)
     report["per_rank_param_bytes"] = [r["param_bytes"] for r in results]
@@ -27,7 +28,7 @@ def run_on_mesh(model: str, mesh: str, plan: Any = "megatron", batch: int = 2, s
 
 
 def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, ...], iters: int,
-               show_program: bool) -> dict:
+               show_program: bool, pipeline: str) -> dict:
     import meshc
     from meshc.models import load_model
     from meshc.numerics import max_abs_error
@@ -37,7 +38,7 @@ def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, 
     loaded = load_model(model, batch=batch, seq=seqs[0])
     t0 = time.perf_counter()
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
-                             example_kwargs=loaded.example_kwargs, plan=plan)
+                             example_kwargs=loaded.example_kwargs, plan=plan, pipeline=pipeline)
     compile_s = time.perf_counter() - t0
     checks, times = [], []
     with torch.no_grad():
