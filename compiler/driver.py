@@ -18,8 +18,10 @@ from meshc.pass_manager import PassManager
 from meshc.pipeline import DEFAULT_PIPELINES
 
 
-def default_pipeline(mesh: MeshSpec) -> str:
-    return DEFAULT_PIPELINES["sharded" if mesh.size > 1 else "single"]
+def default_pipeline(mesh: MeshSpec, plan: Any = None) -> str:
+    if mesh.size <= 1:
+        return DEFAULT_PIPELINES["single"]
+    return DEFAULT_PIPELINES["auto_shard" if plan == "auto" else "sharded"]
 
 
 def compile(  # noqa: A001 - the public name is meshc.compile
@@ -38,7 +40,8 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     mesh: None (this device), 'tp=2' / 'dp=2,tp=2' shorthand, or a torch DeviceMesh.
     pipeline: 'default' or a pipeline string such as 'dce,propagate_shapes,lint'.
     dynamic_shapes: 'auto' (every input dim may vary), None (static), or torch.export's format.
-    plan: how a mesh larger than one device shards the model: 'megatron' (default), None/'replicate',
+    plan: how a mesh larger than one device shards the model: 'megatron' (default), 'auto' (the
+      auto_shard pass chooses), None/'replicate',
       a glob dict {'*.q_proj.weight': 'S(0)'}, or a parallelize_module-style dict (see meshc.plan).
       Such a mesh needs one process per device: call compile inside meshc.launch or torchrun.
     """
@@ -50,7 +53,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
         from meshc.runtime.sharded import device_mesh_for
 
         device_mesh = device_mesh_for(spec, mesh)
-    manager = PassManager(default_pipeline(spec) if pipeline == "default" else pipeline,
+    manager = PassManager(default_pipeline(spec, plan) if pipeline == "default" else pipeline,
                           instruments=[*instruments, timings := Timings()])
     t0 = time.perf_counter()
     program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, mesh=spec)

@@ -22,6 +22,7 @@ from meshc.errors import PipelineError
 DEFAULT_PIPELINES = {
     "single": "dce,propagate_shapes,lint",
     "sharded": "dce,spmd_partition,lint",
+    "auto_shard": "dce,auto_shard,spmd_partition,lint",
 }
 
 

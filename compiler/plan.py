@@ -106,7 +106,7 @@ def make_plan(spec: Any, program: Program, mesh: MeshSpec) -> Plan:
                 plan.inputs[node.meta["meshc_name"]] = tuple(
                     Shard(0) if i == d else Replicate() for i in range(len(mesh.names)))
     params = {n.meta["meshc_name"]: n for n in program.placeholders("parameter")}
-    if spec is None or spec == "replicate":
+    if spec is None or spec in ("replicate", "auto"):  # "auto": the auto_shard pass sets program.plan
         return plan
     if spec == "megatron":
         for fqn, p in megatron_placements(program).items():
