@@ -65,6 +65,7 @@ class Solution:
     status: str  # "optimal" or "time limit (gap x%)"
     solve_seconds: float
     variables: int
+    shared_nodes: int = 0  # nodes of repeated layers that reuse an earlier layer's variables
 
 
 def _key(p: Any) -> str:
@@ -171,12 +172,17 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
     pins = _pins(program, params, pin or {}, fixed_plan, dim)
     options = enumerate_strategies(program, dim, preset, pins, gather_params)
     nodes = list(options)
-    offset, col = {}, 0
-    for v in nodes:
-        offset[v] = col
-        col += len(options[v])
+    offset, col, shared = {}, 0, 0
+    for v, rep in _representatives(nodes, options).items():  # repeated layers share their variables
+        if rep is v:
+            offset[v] = col
+            col += len(options[v])
+        else:
+            offset[v] = offset[rep]
+            shared += 1
     c = np.zeros(col)
-    rows, lo, hi = [], [], []
+    rows: list[dict[int, float]] = []
+    lo, hi = [], []
 
     def row(coeffs: dict[int, float], lb: float, ub: float) -> None:
         rows.append(coeffs)
@@ -185,7 +191,7 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
 
     for v in nodes:
         for i, s in enumerate(options[v]):
-            c[offset[v] + i] = s.cost
+            c[offset[v] + i] += s.cost
         row({offset[v] + i: 1.0 for i in range(len(options[v]))}, 1, 1)
         for i, s in enumerate(options[v]):
             for u, assumed in s.assumed.items():
@@ -196,7 +202,8 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
         nodes_g = [n for n in program.placeholders() if n.name in group]
         for other in nodes_g[1:]:
             for j in range(len(options[other])):
-                row({offset[nodes_g[0]] + j: 1.0, offset[other] + j: -1.0}, 0, 0)
+                if offset[nodes_g[0]] != offset[other]:
+                    row({offset[nodes_g[0]] + j: 1.0, offset[other] + j: -1.0}, 0, 0)
     output = next(n for n in program.graph.nodes if n.op == "output")
     for u in rules.tensor_inputs(output):  # outputs are gathered back to every rank
         for j, t in enumerate(options[u]):
@@ -205,12 +212,18 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
     total_param = sum(_nbytes(p) for p in params.values())
     if budget is not None:
         limit = budget * total_param if budget <= 1 else budget
-        row({offset[p] + j: _nbytes(p) / (mesh.sizes[dim] if isinstance(t.out, Shard) else 1)
-             for p in params.values() for j, t in enumerate(options[p])}, -np.inf, limit)
-    A = np.zeros((len(rows), col))
-    for r, coeffs in enumerate(rows):
-        for j, v in coeffs.items():
-            A[r, j] = v
+        mem: dict[int, float] = {}
+        for p in params.values():
+            for j, t in enumerate(options[p]):
+                mem[offset[p] + j] = mem.get(offset[p] + j, 0.0) + _nbytes(p) / (
+                    mesh.sizes[dim] if isinstance(t.out, Shard) else 1)
+        row(mem, -np.inf, limit)
+    from scipy.sparse import coo_matrix
+
+    ri = [r for r, coeffs in enumerate(rows) for _ in coeffs]
+    ci = [j for coeffs in rows for j in coeffs]
+    vals = [v for coeffs in rows for v in coeffs.values()]
+    A = coo_matrix((vals, (ri, ci)), shape=(len(rows), col)).tocsr()
     t0 = time.perf_counter()
     res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=np.ones(col), bounds=(0, 1),
                options={"time_limit": time_limit, "disp": False})
@@ -225,7 +238,42 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
         out = chosen[p].out
         if not isinstance(out, Replicate):
             plan.params[fqn] = tuple(out if i == dim else R for i in range(len(mesh.names)))
-    return Solution(plan, float(res.fun), chosen, options, status, seconds, col)
+    return Solution(plan, float(res.fun), chosen, options, status, seconds, col, shared)
+
+
+def _class_key(node: fx.Node) -> str:
+    """Where a node sits inside its repeated block: its module path with layer indices as '*'."""
+    import re
+
+    if node.op == "placeholder":
+        path = node.meta.get("meshc_name", node.name)
+    else:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next(reversed(stack.values()))[0] if stack else ""
+    return re.sub(r"\.\d+(\.|$)", r".*\1", path) + "|" + str(node.target)
+
+
+def _representatives(nodes: list[fx.Node], options) -> dict[fx.Node, fx.Node]:
+    """Each node -> the first earlier node at the same place in an identical block (same class key,
+    same k-th occurrence within its block, identical strategy list), else itself."""
+    import re
+
+    count: dict[tuple, int] = {}
+    first: dict[tuple, fx.Node] = {}
+    out = {}
+    for v in nodes:
+        path = v.meta.get("meshc_name", "") if v.op == "placeholder" else next(
+            reversed((v.meta.get("nn_module_stack") or {"": ("",)}).values()))[0]
+        block = re.match(r"^(.*?\.\d+)(\.|$)", path or "")
+        if block is None:
+            out[v] = v
+            continue
+        ck = (block.group(1), _class_key(v))
+        k = count[ck] = count.get(ck, -1) + 1
+        sig = (_class_key(v), k, tuple((tuple(_key(a) for a in s.assumed.values()), _key(s.out), round(s.cost, 15))
+                                         for s in options[v]))
+        out[v] = first.setdefault(sig, v)
+    return out
 
 
 def _pins(program, params, pin, fixed_plan, dim) -> dict[fx.Node, Placement]:

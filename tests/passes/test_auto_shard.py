@@ -46,18 +46,8 @@ def test_at_least_as_good_as_megatron_under_its_memory(model, request):
     assert auto.status == "optimal"
     assert auto.cost <= base.cost + 1e-12
     assert _per_rank_bytes(program, auto.plan) <= budget
-    if model == "llama":
-        assert _collective_bytes(program, auto.plan) <= _collective_bytes(program, megatron)
-
-
-@pytest.mark.xfail(strict=True, reason="known gap: on GPT-2 the solver trades 12% more collective bytes for a "
-                                       "0.02% lower predicted time (sequence-parallel layer norms); bytes are not "
-                                       "yet a constraint of the program")
-def test_gpt2_collective_bytes_no_more_than_megatron(gpt2):
-    program = _program(gpt2, "tp=4")
-    megatron = make_plan("megatron", program, program.mesh)
-    auto = solve_sharding(program, budget=_per_rank_bytes(program, megatron), preset="h100-nvlink")
     assert _collective_bytes(program, auto.plan) <= _collective_bytes(program, megatron)
+    assert auto.shared_nodes > 0  # repeated layers reuse the first layer's variables
 
 
 def test_data_parallel_without_budget_needs_no_collectives_inside_the_forward(mlp):
