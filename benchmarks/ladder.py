@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,19 +25,9 @@ PAPER = {"model": "Llama-3.1-70B", "tp": 8, "batch": 1, "tokens_per_s_standard":
 LADDER = "dce,ladder_residual(layers=all),spmd_partition,lint"
 
 
-def _median_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def _rank(device_mesh, hidden: int, layers: int, prefill: int, iters: int, threads: int) -> dict:
     import meshc
-    from tp_vs_dtensor import build
+    from tp_vs_dtensor import build, median_ms
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,8 +42,8 @@ def _rank(device_mesh, hidden: int, layers: int, prefill: int, iters: int, threa
             x = torch.randint(0, 2048, (1, seq), device=device)
             s_ms, l_ms = [], []
             for _ in range(3):  # interleaved, so drift hits both alike
-                s_ms.append(_median_ms(lambda x=x: standard(x, **kw), iters))
-                l_ms.append(_median_ms(lambda x=x: ladder(x, **kw), iters))
+                s_ms.append(median_ms(lambda x=x: standard(x, **kw), iters))
+                l_ms.append(median_ms(lambda x=x: ladder(x, **kw), iters))
             out[label] = {"seq": seq, "standard_ms": statistics.median(s_ms), "ladder_ms": statistics.median(l_ms)}
     return out
 

@@ -39,7 +39,7 @@ MEGATRON_TP = {  # the same plan, in parallelize_module's form
 }
 
 
-def _median_ms(fn, iters: int, warmup: int = 2) -> float:
+def median_ms(fn, iters: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -60,7 +60,7 @@ def _rank(device_mesh, hidden: int, layers: int, batch: int, seq: int, iters: in
     kw = {"use_cache": False}
     model = build(hidden, layers)
     with torch.no_grad():
-        single_ms = _median_ms(lambda: model(ids, **kw), iters) if device_mesh.get_rank() == 0 else None
+        single_ms = median_ms(lambda: model(ids, **kw), iters) if device_mesh.get_rank() == 0 else None
         ref = model(ids, **kw)
     compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=kw, plan="megatron")
     dt_model = build(hidden, layers)
@@ -71,8 +71,8 @@ def _rank(device_mesh, hidden: int, layers: int, batch: int, seq: int, iters: in
         err_dt = max_abs_error(ref, dt_model(ids, **kw))[0]
         meshc_ms, dt_ms = [], []
         for _ in range(3):  # interleave, so drift on a shared machine hits both alike
-            meshc_ms.append(_median_ms(lambda: compiled(ids, **kw), iters))
-            dt_ms.append(_median_ms(lambda: dt_model(ids, **kw), iters))
+            meshc_ms.append(median_ms(lambda: compiled(ids, **kw), iters))
+            dt_ms.append(median_ms(lambda: dt_model(ids, **kw), iters))
     return {"meshc_ms": statistics.median(meshc_ms), "dtensor_ms": statistics.median(dt_ms),
             "single_rank_unsharded_ms": single_ms, "max_abs_error_meshc": err_meshc,
             "max_abs_error_dtensor": err_dt}

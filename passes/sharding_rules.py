@@ -123,8 +123,7 @@ def cat(node: fx.Node, P: Callable) -> Decision:
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, ndim(node))
     bad = {a for a in inputs if (is_shard(P(a)) and P(a).dim == dim)}
     cur = lambda a: R if a in bad else P(a)
-    d = _align(node, inputs, cur, broadcast=False, linear=all(is_partial(P(a)) for a in inputs))
-    return d
+    return _align(node, inputs, cur, broadcast=False, linear=all(is_partial(P(a)) for a in inputs))
 
 
 # ---- views: a dim map from input dims to output dims ------------------------------------------
