@@ -5,7 +5,7 @@ import pytest
 from meshc.runtime import LaunchError, launch
 from meshc.runtime.run_on_mesh import run_on_mesh
 
-CASES = [("llama-tiny", "tp=2"), ("gpt2-tiny", "tp=2"), ("gpt2-tiny", "tp=4"), ("llama-tiny", "dp=2,tp=2")]
+CASES = [("llama-tiny", "tp=2"), ("gpt2-tiny", "tp=2"), ("llama-tiny", "dp=2,tp=2")]  # gpt2 tp=4: below
 SLOW_CASES = [("llama-tiny", "tp=4"), ("gpt2-tiny", "dp=2,tp=2")]
 
 
@@ -32,7 +32,7 @@ def test_megatron_plan_equals_eager_more_meshes(model, mesh):
 
 @pytest.mark.timeout(300)
 def test_each_rank_holds_a_quarter_of_the_sharded_parameters():
-    r = run_on_mesh("gpt2-tiny", "tp=4", iters=1, timeout=240)
+    r = check("gpt2-tiny", "tp=4")
     from meshc.models import load_model
 
     model = load_model("gpt2-tiny").model
