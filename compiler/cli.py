@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="cpu-gloo", help="device preset of the cost model (cpu-gloo, h100-nvlink, ...)")
     s.add_argument("--node", default=None, help="show one node's strategies and why the chosen one won")
     s.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds")
+    s.add_argument("--save", default=None, help="write the plan as JSON keyed by the graph (Plan.load reads it)")
     s.set_defaults(func=cmd_explain, batch=2, seq=16, static=False, pipeline="dce")
 
     s = sub.add_parser("show", help="print the IR after one pass (or its diff)", epilog=EPILOG)
@@ -227,6 +228,9 @@ def cmd_explain(args) -> int:
                               fixed_plan=make_plan("megatron", program, spec))
     print(f"meshc explain {args.model} on mesh '{spec}' (preset {args.preset}, budget {args.budget})\n")
     print(explain(solution, baseline, args.node))
+    if args.save:
+        solution.plan.save(args.save, program)
+        print(f"\nplan written to {args.save} (graph {meshc.plan.graph_hash(program)})")
     return 0
 
 

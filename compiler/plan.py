@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +78,48 @@ class Plan:
         d = json.loads(text)
         dec = lambda m: {k: tuple(parse_placement(p) for p in v) for k, v in m.items()}
         return cls(MeshSpec.parse(d["mesh"]), dec(d["params"]), dec(d["inputs"]), d["source"])
+
+    def save(self, path: str | Path, program: Program) -> None:
+        """Write the plan as JSON keyed by the hash of `program`'s graph (see `load`)."""
+        body = json.loads(self.to_json())
+        body["graph"] = graph_hash(program)
+        Path(path).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, program: Program) -> Plan:
+        """Read a saved plan; a plan saved for another graph (model, shapes, pipeline) is an error."""
+        text = Path(path).read_text()
+        saved = json.loads(text).get("graph")
+        if saved != graph_hash(program):
+            raise MeshError(f"plan {path} was made for graph {saved}, but this program's graph is "
+                            f"{graph_hash(program)}: the model, its inputs or the passes before differ. "
+                            f"Solve again (auto_shard) or pass the plan for this graph.")
+        return cls.from_json(text)
+
+    def to_parallelize_module(self) -> dict[str, Any]:
+        """The plan as a `parallelize_module` dict (ColwiseParallel / RowwiseParallel by module FQN).
+        Only what that API can express is allowed: linear weights [out, in] sharded on the 'tp' dim."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        dim = tp_dim(self.mesh)
+        out: dict[str, Any] = {}
+        for fqn, pls in sorted(self.params.items()):
+            module, leaf = fqn.rsplit(".", 1)
+            p = pls[dim] if dim is not None else None
+            others = [q for i, q in enumerate(pls) if i != dim and not isinstance(q, Replicate)]
+            if leaf == "weight" and type(p) is Shard and p.dim in (0, 1) and not others:
+                out[module] = ColwiseParallel() if p.dim == 0 else RowwiseParallel()
+            elif leaf == "bias" and module in out:
+                continue
+            else:
+                raise MeshError(f"{fqn} is placed {tuple(describe(q) for q in pls)}, which parallelize_module's "
+                                f"ColwiseParallel/RowwiseParallel cannot express")
+        return out
+
+
+def graph_hash(program: Program) -> str:
+    """A stable hash of a Program's graph: equal for the same model, inputs and passes in any process."""
+    return hashlib.sha256(program.gm.code.encode()).hexdigest()[:16]
 
 
 def tp_dim(mesh: MeshSpec) -> int | None:

@@ -89,3 +89,20 @@ def test_auto_shard_end_to_end_equals_eager():
                     pipeline="dce,auto_shard(budget=0.6,preset=h100-nvlink),spmd_partition,lint")
     assert r["max_abs_error"] <= 1e-5, r["checks"]
     assert "auto_shard: optimal" in r["report"]
+
+
+def test_plan_file_is_keyed_by_the_graph_and_exports_to_parallelize_module(llama, mlp, tmp_path):
+    from meshc.errors import MeshError
+    from meshc.plan import Plan
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    program = _program(llama, "tp=2")
+    plan = make_plan("megatron", program, program.mesh)
+    plan.save(tmp_path / "plan.json", program)
+    assert Plan.load(tmp_path / "plan.json", _program(llama, "tp=2")).to_json() == plan.to_json()
+    with pytest.raises(MeshError, match="was made for graph .* but this program's graph is"):
+        Plan.load(tmp_path / "plan.json", _program(mlp, "tp=2"))
+    tp = plan.to_parallelize_module()
+    assert isinstance(tp["model.layers.0.self_attn.q_proj"], ColwiseParallel)
+    assert isinstance(tp["model.layers.3.mlp.down_proj"], RowwiseParallel)
+    assert len(tp) == 7 * 4
