@@ -95,6 +95,10 @@ class Program:
         """Placeholders in order, optionally only those of one `meshc_input` kind."""
         return [n for n in self.graph.nodes if n.op == "placeholder" and kind in (None, n.meta["meshc_input"])]
 
+    def fqn(self, placeholder_name: str) -> str:
+        """The model-side name (`meshc_name`) of a placeholder, e.g. 'lm_head.weight'."""
+        return next(n.meta["meshc_name"] for n in self.placeholders() if n.name == placeholder_name)
+
     def num_nodes(self) -> int:
         return len(self.graph.nodes)
 

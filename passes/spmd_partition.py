@@ -70,7 +70,7 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
 
 def _check_plan(program: Program, plan: Plan) -> None:
     for group in program.tied_groups():
-        fqns = [_fqn(program, name) for name in group]
+        fqns = [program.fqn(name) for name in group]
         pls = {tuple(describe(p) for p in plan.for_param(f)) for f in fqns}
         if len(pls) > 1:
             raise MeshError(f"tied weights {', '.join(fqns)} share one tensor but the plan places them "
@@ -93,9 +93,6 @@ def _check_plan(program: Program, plan: Plan) -> None:
                                 f"'{dim_name}'={n}" + (f" x {p.groups} groups" if unit != n else "")
                                 + f". Choose a mesh size that divides {size}, or replicate {name}.")
 
-
-def _fqn(program: Program, placeholder_name: str) -> str:
-    return next(n.meta["meshc_name"] for n in program.placeholders() if n.name == placeholder_name)
 
 
 def split_biases(program: Program, plan: Plan | None) -> None:

@@ -107,7 +107,7 @@ def load_checkpoint(compiled, path: str | Path) -> None:
         if node.name not in program.state or node.meta["meshc_input"] == "constant":
             continue
         names = [node.name, *tied.get(node.name, [])]
-        fqns = [_fqn(program, n) for n in names]
+        fqns = [program.fqn(n) for n in names]
         key = next((f for f in fqns if f in index), None)
         if key is None:
             if program.state[node.name].is_meta:
@@ -117,16 +117,13 @@ def load_checkpoint(compiled, path: str | Path) -> None:
             with safe_open(str(index[key]), framework="pt") as h:
                 loaded[key] = _read_local(h.get_slice(key), node, coords, program.mesh.sizes)
         program.state[node.name] = loaded[key]
-    missing = [_fqn(program, n) for n, t in program.state.items() if t.is_meta]
+    missing = [program.fqn(n) for n, t in program.state.items() if t.is_meta]
     if missing:
         raise MeshError(f"after loading {path}, {len(missing)} tensor(s) are still on 'meta' (not in the checkpoint, "
                         f"e.g. non-persistent buffers): {', '.join(missing[:5])}. Build the model on a real device, "
                         f"or add them to the checkpoint.")
     compiled.rebind()
 
-
-def _fqn(program: Program, placeholder: str) -> str:
-    return next(n.meta["meshc_name"] for n in program.placeholders() if n.name == placeholder)
 
 
 def _read_local(sl, node, coords, sizes) -> torch.Tensor:
