@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,34 +242,40 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
     return Solution(plan, float(res.fun), chosen, options, status, seconds, col, shared)
 
 
+_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # 'model.layers.3.mlp.up_proj' -> 'model.layers.3'
+
+
+def _module_path(node: fx.Node) -> str:
+    """A placeholder's model-side name, or the innermost module a node was traced in ('' if none)."""
+    if node.op == "placeholder":
+        return node.meta.get("meshc_name", node.name)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _block(path: str) -> str | None:
+    """The repeated block ('model.layers.3') a module path lies in, if any."""
+    m = _BLOCK.match(path)
+    return m.group(1) if m else None
+
+
 def _class_key(node: fx.Node) -> str:
     """Where a node sits inside its repeated block: its module path with layer indices as '*'."""
-    import re
-
-    if node.op == "placeholder":
-        path = node.meta.get("meshc_name", node.name)
-    else:
-        stack = node.meta.get("nn_module_stack") or {}
-        path = next(reversed(stack.values()))[0] if stack else ""
-    return re.sub(r"\.\d+(\.|$)", r".*\1", path) + "|" + str(node.target)
+    return re.sub(r"\.\d+(\.|$)", r".*\1", _module_path(node)) + "|" + str(node.target)
 
 
 def _representatives(nodes: list[fx.Node], options) -> dict[fx.Node, fx.Node]:
     """Each node -> the first earlier node at the same place in an identical block (same class key,
     same k-th occurrence within its block, identical strategy list), else itself."""
-    import re
-
     count: dict[tuple, int] = {}
     first: dict[tuple, fx.Node] = {}
     out = {}
     for v in nodes:
-        path = v.meta.get("meshc_name", "") if v.op == "placeholder" else next(
-            reversed((v.meta.get("nn_module_stack") or {"": ("",)}).values()))[0]
-        block = re.match(r"^(.*?\.\d+)(\.|$)", path or "")
+        block = _block(_module_path(v))
         if block is None:
             out[v] = v
             continue
-        ck = (block.group(1), _class_key(v))
+        ck = (block, _class_key(v))
         k = count[ck] = count.get(ck, -1) + 1
         sig = (_class_key(v), k, tuple((tuple(_key(a) for a in s.assumed.values()), _key(s.out), round(s.cost, 15))
                                          for s in options[v]))
@@ -315,17 +322,10 @@ def auto_shard(program: Program, *, budget: float = 0.0, preset: str = "cpu-gloo
 
 
 def _layer_of(node: fx.Node) -> str:
-    import re
-
-    stack = node.meta.get("nn_module_stack")
-    if node.op == "placeholder":
-        path = node.meta.get("meshc_name", "")
-    elif stack:
-        path = next(reversed(stack.values()))[0]
-    else:
+    path = _module_path(node)
+    if not path:
         return "(top)"
-    m = re.match(r"^(.*?\.\d+)(\.|$)", path)
-    return m.group(1) if m else (path.rsplit(".", 1)[0] if "." in path else "(top)")
+    return _block(path) or (path.rsplit(".", 1)[0] if "." in path else "(top)")
 
 
 def explain(solution: Solution, baseline: Solution | None = None, node_name: str | None = None) -> str:
@@ -379,7 +379,4 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
 
 
 def _layer_prefix(fqn: str) -> str:
-    import re
-
-    m = re.match(r"^(.*?\.\d+)\.", fqn)
-    return m.group(1) if m else "(top)"
+    return _block(fqn.rsplit(".", 1)[0]) or "(top)"
