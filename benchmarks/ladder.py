@@ -34,8 +34,9 @@ def _rank(device_mesh, hidden: int, layers: int, prefill: int, iters: int, threa
     model = build(hidden, layers).to(device)
     ids = torch.randint(0, 2048, (1, 16), device=device)
     kw = {"use_cache": False}
-    standard = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=kw)
-    ladder = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=kw, pipeline=LADDER)
+    standard = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=kw, plan="megatron")
+    ladder = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=kw, pipeline=LADDER,
+                           plan="megatron")
     out = {}
     with torch.no_grad():
         for label, seq in (("decode", 1), ("prefill", prefill)):

@@ -16,6 +16,7 @@ from meshc.errors import (
     NodeError,
     PassError,
     PipelineError,
+    ScheduleError,
 )
 from meshc.instruments import DumpDir, NumericCheck, PrintAfterChange, Timings, Verify
 from meshc.mesh import MeshSpec
@@ -30,4 +31,5 @@ __all__ = [
     "register_pass", "launch", "load_checkpoint", "LaunchError",
     "DumpDir", "NumericCheck", "PrintAfterChange", "Timings", "Verify",
     "MeshcError", "CaptureError", "InputError", "MeshError", "NodeError", "PassError", "PipelineError",
+    "ScheduleError",
 ]

@@ -1,8 +1,8 @@
 """The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
 
-Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`. The CLI holds no
-compiler logic of its own: each command builds a pipeline string and instruments and calls the
-library. Errors meshc raises on purpose print as one clear message and exit with status 2.
+Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`,
+`schedule`, `kernels`. The CLI holds no compiler logic of its own: each command builds a pipeline string and
+instruments and calls the library. Errors meshc raises on purpose print as one clear message and exit with status 2.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run a model on a local CPU/GPU mesh and compare with eager", epilog=EPILOG)
     s.add_argument("model", metavar="MODEL", help=EPILOG)
     s.add_argument("--mesh", required=True, help="device mesh, e.g. tp=2, tp=4 or dp=2,tp=2")
-    s.add_argument("--plan", default="megatron", help="sharding plan: megatron (default) or replicate")
+    s.add_argument("--plan", default="auto",
+                   help="sharding plan: auto (default: auto_shard within Megatron's memory), megatron or replicate")
     s.add_argument("--pipeline", default="default",
                    help="pipeline, e.g. 'dce,auto_shard(budget=0.5),spmd_partition,lint' or with ladder_residual")
     s.add_argument("--batch", type=int, default=2, help="batch size (built-ins)")
@@ -77,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     s.add_argument("model", metavar="MODEL", help=EPILOG)
     s.add_argument("--mesh", required=True, help="device mesh, e.g. tp=4")
-    s.add_argument("--budget", type=float, default=None,
-                   help="per-rank parameter bytes, or a fraction of all parameter bytes (default: none)")
+    s.add_argument("--budget", default="auto",
+                   help="per-rank parameter bytes (2e9), a fraction of all parameter bytes (0.5), 'none', or "
+                        "'auto' (default: what the Megatron plan needs per rank)")
     s.add_argument("--preset", default="cpu-gloo", help="device preset of the cost model (cpu-gloo, h100-nvlink, ...)")
     s.add_argument("--node", default=None, help="show one node's strategies and why the chosen one won")
     s.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds")
@@ -95,6 +97,27 @@ def _parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance vs eager (default 1e-5)")
     s.set_defaults(func=cmd_bisect)
+
+    s = sub.add_parser("kernels", help="the Triton kernels the backend generates: names, FX nodes, source lines",
+                       epilog=EPILOG)
+    model_args(s)
+    s.add_argument("--source", action="store_true", help="also print each kernel's generated Triton source")
+    s.set_defaults(func=cmd_kernels)
+
+    s = sub.add_parser("schedule", help="a pipeline schedule: step x rank table, predicted bubble, peak activations")
+    s.add_argument("--schedule", default="1f1b",
+                   help="forward, gpipe, 1f1b, interleaved-1f1b or zb-h1 (default: 1f1b)")
+    s.add_argument("--pp", type=int, required=True, help="pipeline ranks")
+    s.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (default: 2 x pp x virtual)")
+    s.add_argument("--virtual", type=int, default=1, help="virtual stages per rank (interleaved-1f1b)")
+    s.add_argument("--p2p", type=float, default=0.0, help="transfer time between ranks, in units of one F (default 0)")
+    s.add_argument("--run", metavar="MODEL", default=None,
+                   help="also run MODEL with this schedule on a local pp mesh and write a trace (pipeline runtime)")
+    s.add_argument("--trace", default="pipeline_trace.json", help="Chrome/Perfetto trace file for --run")
+    s.add_argument("--batch", type=int, default=8, help="batch size for --run (built-ins)")
+    s.add_argument("--seq", type=int, default=16, help="sequence length for --run (built-ins)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails --run")
+    s.set_defaults(func=cmd_schedule)
     return p
 
 
@@ -217,16 +240,18 @@ def cmd_run(args) -> int:
 
 def cmd_explain(args) -> int:
     import meshc
-    from meshc.passes.auto_shard import explain, solve_sharding
+    from meshc.passes.auto_shard import explain, parse_budget, solve_sharding
     from meshc.plan import make_plan
 
     loaded, spec, _ = _load(args)
     program = meshc.PassManager("dce").run(meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                                                          dynamic_shapes="auto", mesh=spec))
-    solution = solve_sharding(program, args.budget, args.preset, args.time_limit)
+    budget = parse_budget(args.budget, program)
+    solution = solve_sharding(program, budget, args.preset, args.time_limit)
     baseline = solve_sharding(program, None, args.preset, args.time_limit,
                               fixed_plan=make_plan("megatron", program, spec))
-    print(f"meshc explain {args.model} on mesh '{spec}' (preset {args.preset}, budget {args.budget})\n")
+    shown = "none" if budget is None else f"{budget / 2**20:.2f} MiB per rank"
+    print(f"meshc explain {args.model} on mesh '{spec}' (preset {args.preset}, budget {args.budget}: {shown})\n")
     print(explain(solution, baseline, args.node))
     if args.save:
         solution.plan.save(args.save, program)
@@ -282,6 +307,24 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_kernels(args) -> int:
+    from meshc.backends.triton import kernels
+
+    _, _, programs = _programs_by_step(args)
+    program = programs[-1]  # after the pipeline: rank 0's local program on a mesh
+    found = kernels(program)
+    print(f"meshc kernels {args.model} on mesh '{program.mesh}': {len(found)} generated kernels\n")
+    for k in found:
+        print(f"{k.name}  ({k.kind}; nodes: {', '.join('%' + n for n in k.nodes)})")
+        for line in k.source_lines:
+            print(f"    {line}")
+        print(f"    reads:  {', '.join(k.reads)}\n    writes: {', '.join(k.writes)}")
+        if args.source:
+            print("\n" + k.source)
+    print("\n".join(["", *(n for n in program.notes if n.startswith("triton backend"))]))
+    return 0
+
+
 def cmd_bisect(args) -> int:
     from meshc.numerics import max_abs_error
 
@@ -305,6 +348,33 @@ def cmd_bisect(args) -> int:
     print(f"first bad pass: #{hi} '{manager.calls[hi - 1]}' (max abs error {err[0]:.3g} at {err[1]}; "
           f"passes before it agree with eager)")
     return 1
+
+
+def cmd_schedule(args) -> int:
+    from meshc.runtime.schedules import SCHEDULES, build_schedule, format_table, simulate
+
+    m = args.microbatches or 2 * args.pp * args.virtual
+    sched = build_schedule(args.schedule, args.pp, m, args.virtual)  # ScheduleError says what to change
+    timeline = simulate(sched, p2p_time=args.p2p)
+    print(f"meshc {sched}: {SCHEDULES[sched.name][2]}\n"
+          f"predicted with F = I = W = 1, B = 2 time units, p2p transfer {args.p2p:g}\n")
+    print(format_table(sched, timeline))
+    return schedule_run(args, sched) if args.run else 0
+
+
+def schedule_run(args, schedule) -> int:
+    """`meshc schedule --run MODEL`: the pipeline runtime's part. Its module
+    `meshc.runtime.pipeline_trace` provides `cli_run(args, schedule) -> int` (args: run, trace,
+    batch, seq, timeout), which runs the schedule, writes the trace and prints measured vs predicted."""
+    try:
+        from meshc.runtime.pipeline_trace import cli_run
+    except ImportError as e:
+        if getattr(e, "name", None) not in ("meshc.runtime.pipeline_trace", None):
+            raise  # a real import failure inside the runtime, not a missing module
+        raise MeshcError("meshc schedule --run needs the pipeline runtime's trace module "
+                         "(meshc.runtime.pipeline_trace.cli_run), which this build lacks; "
+                         "drop --run to see the predicted table") from e
+    return cli_run(args, schedule)
 
 
 if __name__ == "__main__":

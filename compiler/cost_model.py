@@ -6,7 +6,8 @@ speedup prediction. Entry points:
 - `DevicePreset`, `PRESETS`, `get_preset(name_or_preset)`: the hardware figures.
 - `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
   (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
-  costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`.
+  costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`. `p2p_time`:
+  one point-to-point send (pipeline stage boundaries).
 - `compute_time(flops, bytes_moved, preset)`: roofline, max(flops/peak, bytes/bandwidth).
 - `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
   FakeTensors in `node.meta["val"]` (symbolic sizes are costed at their hint).
@@ -137,6 +138,16 @@ def reduce_scatter_time(nbytes: float, n: int, preset: DevicePreset | str, inter
 def all_to_all_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
     """All-to-all of an nbytes tensor (each rank keeps 1/n): (n-1)/n * nbytes * beta + (n-1) * alpha."""
     return _ring(nbytes, n, preset, inter_node, rounds=1)
+
+
+def p2p_time(nbytes: float, preset: DevicePreset | str, inter_node: bool = False) -> float:
+    """One point-to-point send of nbytes (pipeline stage boundary): alpha + nbytes * beta."""
+    if nbytes < 0:
+        raise ValueError(f"p2p cost needs nbytes >= 0, got {nbytes}")
+    if nbytes == 0:
+        return 0.0
+    alpha, beta = get_preset(preset).link(inter_node)
+    return alpha + nbytes * beta
 
 
 COLLECTIVE_TIME: dict[str, Callable[..., float]] = {

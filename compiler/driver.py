@@ -18,7 +18,10 @@ from meshc.pass_manager import PassManager
 from meshc.pipeline import DEFAULT_PIPELINES
 
 
-def default_pipeline(mesh: MeshSpec, plan: Any = None) -> str:
+def default_pipeline(mesh: MeshSpec, plan: Any = None, stage_options: str = "") -> str:
+    if mesh.dim_size("pp") > 1:  # pipeline stages first; each stage tensor-parallel on a tp dim
+        tp = "" if mesh.dim_size("tp") <= 1 else "auto_shard,spmd_partition," if plan == "auto" else "spmd_partition,"
+        return f"dce,pipeline_partition{stage_options},{tp}lint"
     if mesh.size <= 1:
         return DEFAULT_PIPELINES["single"]
     return DEFAULT_PIPELINES["auto_shard" if plan == "auto" else "sharded"]
@@ -33,27 +36,38 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     backend: str = "auto",
     dynamic_shapes: Any = "auto",
     instruments: Sequence[Instrument] = (),
-    plan: Any = "megatron",
+    plan: Any = "auto",
+    schedule: str = "1f1b",
+    microbatches: int = 0,
+    virtual: int = 1,
 ):
     """Compile `model` for `mesh` and return a CompiledModel with the model's call signature.
 
     mesh: None (this device), 'tp=2' / 'dp=2,tp=2' shorthand, or a torch DeviceMesh.
     pipeline: 'default' or a pipeline string such as 'dce,propagate_shapes,lint'.
     dynamic_shapes: 'auto' (every input dim may vary), None (static), or torch.export's format.
-    plan: how a mesh larger than one device shards the model: 'megatron' (default), 'auto' (the
-      auto_shard pass chooses), None/'replicate',
+    plan: how a mesh larger than one device shards the model: 'auto' (default: the auto_shard pass
+      chooses with the cost model, within Megatron's per-rank parameter memory), 'megatron', None/'replicate',
       a glob dict {'*.q_proj.weight': 'S(0)'}, or a parallelize_module-style dict (see meshc.plan).
       Such a mesh needs one process per device: call compile inside meshc.launch or torchrun.
+    schedule, microbatches (0 = 2 x stages), virtual: for a mesh with a 'pp' dim, the pipeline
+      schedule (meshc.runtime.schedules) the returned PipelineModel runs; validated before capture.
     """
     from meshc.runtime.compiled_model import CompiledModel
 
     spec = MeshSpec.parse(mesh)
+    sched, stage_options = None, ""
+    if (pp := spec.dim_size("pp")) > 1:  # a schedule that cannot work fails here, before any rank waits
+        from meshc.runtime.schedules import build_schedule
+
+        sched = build_schedule(schedule, pp, microbatches or 2 * pp * virtual, virtual)
+        stage_options = f"(virtual={virtual},schedule={schedule},microbatches={sched.microbatches})"
     device_mesh = None
     if spec.size > 1:
         from meshc.runtime.sharded import device_mesh_for
 
         device_mesh = device_mesh_for(spec, mesh)
-    manager = PassManager(default_pipeline(spec, plan) if pipeline == "default" else pipeline,
+    manager = PassManager(default_pipeline(spec, plan, stage_options) if pipeline == "default" else pipeline,
                           instruments=[*instruments, timings := Timings()])
     t0 = time.perf_counter()
     program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, mesh=spec)
@@ -62,12 +76,18 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     if device_mesh is not None:
         program.rank, program.plan = device_mesh.get_rank(), plan or "replicate"
     program = manager.run(program)
-    if device_mesh is not None:
-        from meshc.runtime.sharded import prepare_rank
+    if sched is not None:
+        from meshc.runtime.pipeline import pipeline_model
 
-        program = prepare_rank(program, device_mesh)
-    t2 = time.perf_counter()
-    compiled = CompiledModel(program, backend)
+        t2 = time.perf_counter()
+        compiled = pipeline_model(program, device_mesh, sched)
+    else:
+        if device_mesh is not None:
+            from meshc.runtime.sharded import prepare_rank
+
+            program = prepare_rank(program, device_mesh)
+        t2 = time.perf_counter()
+        compiled = CompiledModel(program, backend)
     t3 = time.perf_counter()
     report = "\n".join([timings.table(), "", *program.notes,
                         f"capture {(t1 - t0) * 1e3:.0f} ms ({captured_nodes} nodes) -> passes "

@@ -1,7 +1,7 @@
 """meshc's error types: every failure a user can cause names its cause and what to do.
 
 Entry points: `MeshcError` (base), `CaptureError`, `PipelineError`, `PassError`, `MeshError`,
-`InputError`, and `NodeError` + `at_node`, which tie a failure to an FX node and the user's
+`InputError`, `ScheduleError`, and `NodeError` + `at_node`, which tie a failure to an FX node and the user's
 source line that produced it. Errors never hide the original exception: it stays as `__cause__`.
 """
 
@@ -31,6 +31,10 @@ class MeshError(MeshcError):
 
 class InputError(MeshcError):
     """A compiled model was called with inputs that do not match what was captured."""
+
+
+class ScheduleError(MeshcError):
+    """A pipeline schedule is invalid for its (pp, virtual, microbatches) or cannot finish."""
 
 
 class NodeError(MeshcError):

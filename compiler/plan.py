@@ -149,7 +149,11 @@ def make_plan(spec: Any, program: Program, mesh: MeshSpec) -> Plan:
                 plan.inputs[node.meta["meshc_name"]] = tuple(
                     Shard(0) if i == d else Replicate() for i in range(len(mesh.names)))
     params = {n.meta["meshc_name"]: n for n in program.placeholders("parameter")}
-    if spec is None or spec in ("replicate", "auto"):  # "auto": the auto_shard pass sets program.plan
+    if spec == "auto":  # the auto_shard pass replaces "auto" with the Plan it solved
+        raise MeshError("plan 'auto' is chosen by the auto_shard pass, which did not run before spmd_partition: "
+                        "put it in the pipeline (e.g. 'dce,ladder_residual,auto_shard,spmd_partition,lint') "
+                        "or pass plan='megatron' / a plan dict")
+    if spec is None or spec == "replicate":
         return plan
     if spec == "megatron":
         for fqn, p in megatron_placements(program).items():

@@ -37,7 +37,7 @@ def _tp_bits_per_byte(device_mesh, folder: str, layers: str, max_bytes: int) -> 
     model = ref.load_reference_lm(folder)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs={"use_cache": False},
-                             pipeline=f"dce,ladder_residual(layers={layers}),spmd_partition,lint")
+                             pipeline=f"dce,ladder_residual(layers={layers}),spmd_partition,lint", plan="megatron")
     return bits_per_byte(lambda x: compiled(x).logits, max_bytes=max_bytes, progress=False)
 
 

@@ -5,4 +5,12 @@ imports the runtime, and when it cannot apply it raises an error naming the node
 Importing this package registers every pass (see `meshc passes` for the table).
 """
 
-from meshc.passes import auto_shard, dce, ladder_residual, lint, propagate_shapes, spmd_partition  # noqa: F401
+from meshc.passes import (  # noqa: F401
+    auto_shard,
+    dce,
+    ladder_residual,
+    lint,
+    pipeline_partition,
+    propagate_shapes,
+    spmd_partition,
+)

@@ -1,289 +1,219 @@
 """auto_shard: choose every parameter's placement with an exact integer program.
 
-Entry points: the pass `auto_shard(budget=..., preset=..., time_limit=...)` (sets `program.plan`
-for `spmd_partition`), and `solve_sharding(program, ...) -> Solution` (used by `meshc explain`).
+Entry points: the pass `auto_shard(budget="auto", preset="auto", time_limit=...)` (sets
+`program.plan` for `spmd_partition`), and `solve_sharding(program, ...) -> Solution` (used by
+`meshc explain`).
 
 Formulation (Alpa-style, over meshc's own sharding rules so the plan is exactly what
-`spmd_partition` then builds). On the sharding mesh dim ('tp', or the only dim):
+`spmd_partition` then builds), per mesh dim (the tensor-parallel dim first, then the others;
+a `pp` dim is the pipeline's and is not solved here):
 
-* every node v has strategies s = (placements it assumes for its inputs, the placements the rule
-  `sharding_rules.decide` then needs, its output placement), enumerated from the outputs its
-  producers can have; parameters may be Replicate or Shard(d) (InterleavedShard for fused q|k|v);
-  user inputs are pinned (Shard(0) on 'dp', else Replicate);
-* binary x[v,s], one per node; if v picks s, each producer u must pick a strategy whose output is
-  what s assumed (x[v,s] <= sum x[u,i] over matching i) — so propagation is exact;
-* cost of s = compute (cost model; divided by the mesh size when the work is sharded) + the
-  collectives its needs imply (alpha-beta, cost_model) ; outputs are gathered to Replicate;
-* per-rank parameter bytes <= budget; pins (`pin={"glob": "S(0)"}`) fix parameters.
+* strategies per node from `sharding_strategies` (identical repeated layers share theirs);
+* binary x[v,s], one per strategy; sum_s x[v,s] = 1; if v picks s, each producer u must pick a
+  strategy whose output is what s assumed (x[v,s] <= sum x[u,i] over matching i);
+* cost of s = compute (cost model; divided by the dim size when the work is sharded) + the
+  collectives its needs imply (alpha-beta); outputs are gathered to Replicate;
+* per-rank parameter bytes <= budget (bytes already divided by the dims solved before);
+  pins (`pin={"glob": "S(0)"}`, or every parameter from `fixed_plan`) fix variables by bounds.
 
 Solved by HiGHS (`scipy.optimize.milp`) with a time limit; a result stopped by the limit says so
-and reports its gap. Deterministic: same graph, same options -> byte-identical plan JSON.
+with its gap. Infeasible constraints are reduced to a minimal conflicting set of pins (deletion
+filter) and named. Deterministic: same graph and options -> byte-identical plan JSON.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import itertools
-import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
-from meshc.cost_model import collective_time, get_preset, node_time
+from meshc.cost_model import collective_time, get_preset
 from meshc.errors import MeshcError
 from meshc.passes import sharding_rules as rules
+from meshc.passes.sharding_strategies import (
+    Strategy,
+    block_of_path,
+    enumerate_strategies,
+    key,
+    module_path,
+    nbytes,
+    transition,
+)
 from meshc.pipeline import register_pass
-from meshc.placement import InterleavedShard, Partial, Placement, Replicate, Shard, describe, parse_placement
-from meshc.plan import LINEAR_OPS, Plan, _split_groups, make_plan, tp_dim
+from meshc.placement import Placement, Replicate, parse_placement
+from meshc.plan import Plan, make_plan, tp_dim
 from meshc.program import Program
 
 R = Replicate()
+_nbytes = nbytes  # kept for callers that size parameters the way the solver does
 
 
 @dataclass
-class Strategy:
-    assumed: dict[fx.Node, Any]  # producer -> the output placement this strategy expects
-    needs: dict[fx.Node, Placement]
-    out: Any
-    compute: float
-    comm: float
-    collectives: list[str] = field(default_factory=list)
-
-    @property
-    def cost(self) -> float:
-        return self.compute + self.comm
+class DimSolution:
+    dim: str
+    cost: float
+    status: str
+    seconds: float
+    variables: int
+    shared_nodes: int
+    chosen: dict[fx.Node, Strategy]
+    options: dict[fx.Node, list[Strategy]]
 
 
 @dataclass
 class Solution:
     plan: Plan
-    cost: float  # predicted seconds per forward (objective)
-    chosen: dict[fx.Node, Strategy]
+    cost: float  # predicted seconds per forward (objective, summed over the solved dims)
+    chosen: dict[fx.Node, Strategy]  # on the first solved (tensor-parallel) dim
     options: dict[fx.Node, list[Strategy]]
-    status: str  # "optimal" or "time limit (gap x%)"
+    status: str  # "optimal" or "time limit reached (gap x%)"
     solve_seconds: float
     variables: int
     shared_nodes: int = 0  # nodes of repeated layers that reuse an earlier layer's variables
+    dims: list[DimSolution] = field(default_factory=list)
 
 
-def _key(p: Any) -> str:
-    return "|".join(describe(x) for x in p) if isinstance(p, list) else describe(p) if p is not None else "-"
-
-
-def _param_candidates(node: fx.Node, n: int, groups: set[int]) -> list[Placement]:
-    """Replicate, Shard(d) for every dim the mesh divides, and InterleavedShard(d, g) for the group
-    counts `g` of the fused projections in the graph (GPT-2's q|k|v: weight and bias)."""
-    shape = node.meta["val"].shape
-    out: list[Placement] = [R]
-    for d, size in enumerate(shape):
-        if isinstance(size, int) and size % n == 0 and size >= n:
-            out.append(Shard(d))
-            out.extend(InterleavedShard(d, g) for g in sorted(groups) if size % (g * n) == 0)
-    return out
-
-
-def _transition(have: Any, need: Any) -> str | None:
-    if _key(have) == _key(need):
-        return None
-    if isinstance(have, Partial):
-        return "all_reduce" if isinstance(need, Replicate) else "reduce_scatter_tensor"
-    if isinstance(have, Shard):
-        return "all_gather_into_tensor" if isinstance(need, Replicate) else "all_to_all_single"
-    return None  # Replicate -> Shard is a local chunk
-
-
-def _nbytes(node: fx.Node) -> int:
-    from meshc.cost_model import size_hint
-
-    v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor):
-        return 0
-    return int(np.prod([size_hint(s) for s in v.shape], dtype=np.int64)) * v.element_size()
-
-
-def _is_param(node: fx.Node) -> bool:
-    return node.op == "placeholder" and node.meta.get("meshc_input") == "parameter"
-
-
-def enumerate_strategies(program: Program, dim: int, preset, pins: dict[fx.Node, Placement],
-                         gather_params: bool = False):
-    """Strategies per node. Unless `gather_params`, weights stay where they are stored (a
-    strategy that would all-gather a parameter every forward, FSDP-style, is not offered)."""
-    n = program.mesh.sizes[dim]
-    options: dict[fx.Node, list[Strategy]] = {}
-    groups = {g for node in program.graph.nodes if node.target in LINEAR_OPS and (g := _split_groups(node)) > 1}
-    for node in program.graph.nodes:
-        if node.op == "output":
-            continue
-        if node.op == "placeholder":
-            kind = node.meta["meshc_input"]
-            if kind == "parameter" and isinstance(node.meta.get("val"), torch.Tensor):
-                cands = [pins[node]] if node in pins else _param_candidates(node, n, groups)
-            elif kind == "user" and program.mesh.names[dim] == "dp" and isinstance(node.meta.get("val"), torch.Tensor):
-                cands = [Shard(0)]
-            else:
-                cands = [R]
-            options[node] = [Strategy({}, {}, c, 0.0, 0.0) for c in cands]
-            continue
-        inputs = rules.tensor_inputs(node)
-        per_input = [list({_key(s.out): s.out for s in options[u]}.values()) for u in inputs]
-        seen: dict[tuple, Strategy] = {}
-        t_full = node_time(node, preset) if node.op == "call_function" else 0.0
-        for combo in itertools.product(*per_input):
-            assumed = dict(zip(inputs, combo))
-            d = rules.decide(node, lambda a, assumed=assumed: assumed.get(a, R))
-            key = (tuple(_key(c) for c in combo), _key(d.out))
-            if key in seen:
-                continue
-            moves_param = any(_is_param(u) and _key(need) != _key(assumed[u]) for u, need in d.needs.items())
-            if moves_param and not gather_params:
-                continue
-            comm, colls = 0.0, []
-            for u, need in d.needs.items():
-                kind = _transition(assumed.get(u, R), need)
-                if kind:
-                    comm += collective_time(kind, _nbytes(u), n, preset)
-                    colls.append(f"{kind}({u.name} {_key(assumed[u])}->{_key(need)})")
-            sharded = any(not isinstance(p, Replicate) for p in [*d.needs.values(),
-                                                                  *(d.out if isinstance(d.out, list) else [d.out])]
-                          if p is not None)
-            seen[key] = Strategy(assumed, dict(d.needs), d.out, t_full / n if sharded else t_full, comm, colls)
-        options[node] = list(seen.values())
-    return options
+def solve_dims(mesh) -> list[int]:
+    """Mesh dims auto_shard decides, in order: the tensor-parallel dim, then the rest but `pp`."""
+    first = tp_dim(mesh)
+    rest = [i for i, n in enumerate(mesh.names) if n != "pp" and i != first and mesh.sizes[i] > 1]
+    return ([first] if first is not None else []) + rest
 
 
 def solve_sharding(program: Program, budget: float | None = None, preset: Any = "cpu-gloo",
                    time_limit: float = 30.0, pin: dict[str, Any] | None = None,
-                   fixed_plan: Plan | None = None, gather_params: bool = False) -> Solution:
-    """Optimal parameter placements on the sharding dim of `program.mesh` (see module docstring).
+                   fixed_plan: Plan | None = None, gather_params: bool = False, copy: bool = True) -> Solution:
+    """Optimal parameter placements on every (non-pipeline) dim of `program.mesh`.
 
-    budget: per-rank parameter bytes (None: unlimited); or a float in (0, 1] = fraction of all
-    parameter bytes. fixed_plan: evaluate that plan instead of choosing (e.g. Megatron's)."""
+    budget: per-rank parameter bytes (None: unlimited), or a float in (0, 1] = fraction of all
+    parameter bytes. pin: {parameter glob: placement on the first solved dim}. fixed_plan:
+    evaluate that plan instead of choosing (e.g. Megatron's). copy=False: solve on `program`
+    itself, splitting its biased linears in its graph (the pass does this on its own copy)."""
     from meshc.passes.spmd_partition import split_biases
-    from scipy.optimize import LinearConstraint, milp
 
-    program = program.clone()
-    split_biases(program, None)  # biases as separate adds: row-parallel linears become expressible
+    if copy:
+        program = program.clone()
+    split_biases(program, None, recompile=False)  # biases as separate adds: row-parallel linears expressible
     mesh, preset = program.mesh, get_preset(preset)
-    dim = tp_dim(mesh) if tp_dim(mesh) is not None else 0
     params = {n.meta["meshc_name"]: n for n in program.placeholders("parameter")}
-    pins = _pins(program, params, pin or {}, fixed_plan, dim)
-    options = enumerate_strategies(program, dim, preset, pins, gather_params)
-    nodes = list(options)
-    offset, col, shared = {}, 0, 0
-    for v, rep in _representatives(nodes, options).items():  # repeated layers share their variables
-        if rep is v:
-            offset[v] = col
-            col += len(options[v])
-        else:
-            offset[v] = offset[rep]
-            shared += 1
-    c = np.zeros(col)
-    rows: list[dict[int, float]] = []
-    lo, hi = [], []
-
-    def row(coeffs: dict[int, float], lb: float, ub: float) -> None:
-        rows.append(coeffs)
-        lo.append(lb)
-        hi.append(ub)
-
-    for v in nodes:
-        for i, s in enumerate(options[v]):
-            c[offset[v] + i] += s.cost
-        row({offset[v] + i: 1.0 for i in range(len(options[v]))}, 1, 1)
-        for i, s in enumerate(options[v]):
-            for u, assumed in s.assumed.items():
-                match = {offset[u] + j: 1.0 for j, t in enumerate(options[u]) if _key(t.out) == _key(assumed)}
-                match[offset[v] + i] = match.get(offset[v] + i, 0.0) - 1.0
-                row(match, 0, np.inf)
-    for group in program.tied_groups():  # one tensor: one placement
-        nodes_g = [n for n in program.placeholders() if n.name in group]
-        for other in nodes_g[1:]:
-            for j in range(len(options[other])):
-                if offset[nodes_g[0]] != offset[other]:
-                    row({offset[nodes_g[0]] + j: 1.0, offset[other] + j: -1.0}, 0, 0)
-    output = next(n for n in program.graph.nodes if n.op == "output")
-    for u in rules.tensor_inputs(output):  # outputs are gathered back to every rank
-        for j, t in enumerate(options[u]):
-            kind = _transition(t.out, R)
-            c[offset[u] + j] += collective_time(kind, _nbytes(u), mesh.sizes[dim], preset) if kind else 0.0
-    total_param = sum(_nbytes(p) for p in params.values())
-    if budget is not None:
-        limit = budget * total_param if budget <= 1 else budget
-        mem: dict[int, float] = {}
-        for p in params.values():
-            for j, t in enumerate(options[p]):
-                mem[offset[p] + j] = mem.get(offset[p] + j, 0.0) + _nbytes(p) / (
-                    mesh.sizes[dim] if isinstance(t.out, Shard) else 1)
-        row(mem, -np.inf, limit)
-    from scipy.sparse import coo_matrix
-
-    ri = [r for r, coeffs in enumerate(rows) for _ in coeffs]
-    ci = [j for coeffs in rows for j in coeffs]
-    vals = [v for coeffs in rows for v in coeffs.values()]
-    A = coo_matrix((vals, (ri, ci)), shape=(len(rows), col)).tocsr()
-    t0 = time.perf_counter()
-    res = milp(c, constraints=LinearConstraint(A, lo, hi), integrality=np.ones(col), bounds=(0, 1),
-               options={"time_limit": time_limit, "disp": False})
-    seconds = time.perf_counter() - t0
-    if res.x is None:
-        raise MeshcError(_infeasible_message(program, budget, pins, total_param, mesh.sizes[dim]))
-    status = "optimal" if res.status == 0 else f"time limit reached (gap {100 * (res.mip_gap or 0):.2f}%)"
-    chosen = {v: options[v][int(np.argmax(res.x[offset[v]:offset[v] + len(options[v])]))] for v in nodes}
+    total = sum(nbytes(p) for p in params.values())
+    limit = None if budget is None else budget * total if budget <= 1 else budget
+    dims = solve_dims(mesh)
+    divisor = {p: 1.0 for p in params.values()}  # how far the dims solved so far divide each parameter
+    solved: list[DimSolution] = []
+    placements = {fqn: [R] * len(mesh.names) for fqn in params}
+    for i, d in enumerate(dims):
+        pins = _pins(params, (pin or {}) if i == 0 else {}, fixed_plan, d)
+        sol = _solve_dim(program, d, preset, limit, divisor, pins, time_limit, gather_params)
+        solved.append(sol)
+        for fqn, p in params.items():
+            out = sol.chosen[p].out
+            placements[fqn][d] = out
+            if not isinstance(out, Replicate):
+                divisor[p] *= mesh.sizes[d]
     plan = Plan(mesh, source="auto_shard" if fixed_plan is None else fixed_plan.source)
     plan.inputs = make_plan(None, program, mesh).inputs
-    for fqn, p in params.items():
-        out = chosen[p].out
-        if not isinstance(out, Replicate):
-            plan.params[fqn] = tuple(out if i == dim else R for i in range(len(mesh.names)))
-    return Solution(plan, float(res.fun), chosen, options, status, seconds, col, shared)
+    plan.params = {fqn: tuple(pl) for fqn, pl in placements.items() if any(not isinstance(x, Replicate) for x in pl)}
+    main = solved[0] if solved else DimSolution("-", 0.0, "optimal", 0.0, 0, 0, {}, {})
+    worst = next((s.status for s in solved if s.status != "optimal"), "optimal")
+    return Solution(plan, sum(s.cost for s in solved), main.chosen, main.options, worst,
+                    sum(s.seconds for s in solved), sum(s.variables for s in solved),
+                    sum(s.shared_nodes for s in solved), solved)
 
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(\.|$)")  # 'model.layers.3.mlp.up_proj' -> 'model.layers.3'
+def _solve_dim(program, dim, preset, limit, divisor, pins, time_limit, gather_params) -> DimSolution:
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    n = program.mesh.sizes[dim]
+    st = enumerate_strategies(program, dim, preset, gather_params,
+                              pinned={p.meta["meshc_name"]: key(pl) for p, pl in pins.items()})
+    opts, rep = st.options, st.rep
+    offset, col = {}, 0
+    for v in opts:
+        if rep[v] is v:
+            offset[v] = col
+            col += len(opts[v])
+    var = lambda v, i: offset[rep[v]] + i  # noqa: E731
+    weight = Counter(rep[v] for v in opts)
+    c = np.zeros(col)
+    rows: dict[tuple, tuple[float, float]] = {}  # deduplicated: shared layers repeat their rows
+
+    def row(coeffs: dict[int, float], lb: float, ub: float) -> None:
+        rows.setdefault(tuple(sorted(coeffs.items())), (lb, ub))
+
+    def consistency(v_var: int, u: fx.Node, assumed: Any) -> None:
+        match = {var(u, j): 1.0 for j, t in enumerate(opts[u]) if key(t.out) == key(assumed)}
+        match[v_var] = match.get(v_var, 0.0) - 1.0
+        row(match, 0, np.inf)
+
+    for v in offset:
+        row({var(v, i): 1.0 for i in range(len(opts[v]))}, 1, 1)
+        for i, s in enumerate(opts[v]):
+            c[var(v, i)] += s.cost * weight[v]
+            for u, assumed in s.assumed.items():
+                consistency(var(v, i), u, assumed)
+    for v, pairs in st.boundary.items():  # shared layers: only edges into other layers are new
+        for i, s in enumerate(opts[v]):
+            for rep_u, u in pairs:
+                if rep_u in s.assumed:
+                    consistency(var(v, i), u, s.assumed[rep_u])
+    for group in program.tied_groups():  # one tensor: one placement
+        tied = [n for n in program.placeholders() if n.name in group and n in opts]
+        for other in tied[1:]:
+            if rep[other] is not rep[tied[0]]:
+                for j in range(len(opts[other])):
+                    row({var(tied[0], j): 1.0, var(other, j): -1.0}, 0, 0)
+    output = next(v for v in program.graph.nodes if v.op == "output")
+    for u in rules.tensor_inputs(output):  # outputs are gathered back to every rank
+        for j, t in enumerate(opts[u]):
+            kind = transition(t.out, R)
+            c[var(u, j)] += collective_time(kind, nbytes(u), n, preset) if kind else 0.0
+    if limit is not None:
+        mem: dict[int, float] = {}
+        for p in divisor:
+            for j, t in enumerate(opts[p]):
+                k = var(p, j)
+                mem[k] = mem.get(k, 0.0) + nbytes(p) / divisor[p] / (1 if isinstance(t.out, Replicate) else n)
+        row(mem, -np.inf, limit)
+    keys = list(rows)
+    entries = [(r, j, a) for r, k in enumerate(keys) for j, a in k]
+    A = coo_matrix(([a for _, _, a in entries], ([r for r, _, _ in entries], [j for _, j, _ in entries])),
+                   shape=(len(keys), col)).tocsr()
+    cons = LinearConstraint(A, [rows[k][0] for k in keys], [rows[k][1] for k in keys])
+
+    def run(active: dict[fx.Node, Placement], limit_s: float):
+        ub = np.ones(col)
+        for p, pl in active.items():
+            for j, t in enumerate(opts[p]):
+                if key(t.out) != key(pl):
+                    ub[var(p, j)] = 0.0
+        # costs in microseconds: HiGHS's absolute gap tolerance (1e-6) must not hide differences
+        return milp(c * 1e6, constraints=cons, integrality=np.ones(col), bounds=Bounds(np.zeros(col), ub),
+                    options={"time_limit": limit_s, "disp": False, "mip_rel_gap": 1e-6})
+
+    for p, pl in pins.items():
+        if all(key(t.out) != key(pl) for t in opts[p]):
+            raise MeshcError(f"auto_shard: cannot pin {p.meta['meshc_name']} to {key(pl)} on mesh dim "
+                             f"'{program.mesh.names[dim]}' (size {n}); its possible placements are "
+                             f"{', '.join(key(t.out) for t in opts[p])}")
+    t0 = time.perf_counter()
+    res = run(pins, time_limit)
+    seconds = time.perf_counter() - t0
+    if res.x is None:
+        raise MeshcError(_infeasible(program, dim, pins, run, limit, divisor, opts, time_limit))
+    status = "optimal" if res.status == 0 else f"time limit reached (gap {100 * (res.mip_gap or 0):.2f}%)"
+    chosen = {v: opts[v][int(np.argmax(res.x[var(v, 0):var(v, 0) + len(opts[v])]))] for v in opts}
+    return DimSolution(program.mesh.names[dim], float(res.fun) / 1e6, status, seconds, col,
+                       sum(rep[v] is not v for v in opts), chosen, opts)
 
 
-def _module_path(node: fx.Node) -> str:
-    """A placeholder's model-side name, or the innermost module a node was traced in ('' if none)."""
-    if node.op == "placeholder":
-        return node.meta.get("meshc_name", node.name)
-    stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else ""
-
-
-def _block(path: str) -> str | None:
-    """The repeated block ('model.layers.3') a module path lies in, if any."""
-    m = _BLOCK.match(path)
-    return m.group(1) if m else None
-
-
-def _class_key(node: fx.Node) -> str:
-    """Where a node sits inside its repeated block: its module path with layer indices as '*'."""
-    return re.sub(r"\.\d+(\.|$)", r".*\1", _module_path(node)) + "|" + str(node.target)
-
-
-def _representatives(nodes: list[fx.Node], options) -> dict[fx.Node, fx.Node]:
-    """Each node -> the first earlier node at the same place in an identical block (same class key,
-    same k-th occurrence within its block, identical strategy list), else itself."""
-    count: dict[tuple, int] = {}
-    first: dict[tuple, fx.Node] = {}
-    out = {}
-    for v in nodes:
-        block = _block(_module_path(v))
-        if block is None:
-            out[v] = v
-            continue
-        ck = (block, _class_key(v))
-        k = count[ck] = count.get(ck, -1) + 1
-        sig = (_class_key(v), k, tuple((tuple(_key(a) for a in s.assumed.values()), _key(s.out), round(s.cost, 15))
-                                         for s in options[v]))
-        out[v] = first.setdefault(sig, v)
-    return out
-
-
-def _pins(program, params, pin, fixed_plan, dim) -> dict[fx.Node, Placement]:
+def _pins(params, pin, fixed_plan, dim) -> dict[fx.Node, Placement]:
     out: dict[fx.Node, Placement] = {}
     if fixed_plan is not None:
         for fqn, node in params.items():
@@ -297,35 +227,99 @@ def _pins(program, params, pin, fixed_plan, dim) -> dict[fx.Node, Placement]:
     return out
 
 
-def _infeasible_message(program, budget, pins, total_param, n) -> str:
-    pinned = sum(_nbytes(p) / (n if isinstance(pl, Shard) else 1) for p, pl in pins.items())
-    unpinned_min = sum(_nbytes(p) for p in program.placeholders("parameter") if p not in pins) / n
-    names = [p.meta["meshc_name"] for p, pl in pins.items() if isinstance(pl, Replicate)][:6]
-    return (f"auto_shard: no plan satisfies the constraints. Budget {budget} of {total_param / 2**20:.2f} MiB "
-            f"parameters; pinned parameters alone need {pinned / 2**20:.2f} MiB per rank and the rest at least "
-            f"{unpinned_min / 2**20:.2f} MiB. Conflicting pins (replicated): {', '.join(names) or 'none'}. "
-            f"Raise the budget or unpin them.")
+def _infeasible(program, dim, pins, run, limit, divisor, opts, time_limit) -> str:
+    """Name a minimal set of pins that cannot hold together with the budget (deletion filter:
+    drop each pin in turn and keep it dropped if the rest is still infeasible)."""
+    n = program.mesh.sizes[dim]
+    active = dict(pins)
+    for p in list(pins):
+        trial = {q: pl for q, pl in active.items() if q is not p}
+        if run(trial, min(time_limit, 5.0)).x is None:
+            active = trial
+    best = sum(nbytes(p) / divisor[p] / (n if any(not isinstance(t.out, Replicate) for t in opts[p]) else 1)
+               for p in divisor if p not in active)
+    pinned = sum(nbytes(p) / divisor[p] / (1 if isinstance(pl, Replicate) else n) for p, pl in active.items())
+    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    where = f"on mesh dim '{program.mesh.names[dim]}' (size {n})"
+    budget = f"the budget of {mib(limit)} per rank" if limit is not None else "the graph"
+    if not active:
+        return (f"auto_shard: no plan satisfies {budget} {where}: even sharding every parameter that can be "
+                f"sharded leaves {mib(best)} per rank. Raise the budget or use a larger mesh.")
+    names = "; ".join(f"{p.meta['meshc_name']} (node %{p.name}) pinned {key(pl)}" for p, pl in active.items())
+    return (f"auto_shard: no plan satisfies {budget} {where}. Conflicting constraints: {names}. These pins "
+            f"need {mib(pinned)} per rank and the other parameters at least {mib(best)}"
+            + (" (pins may also conflict with tied weights or with each other)" if limit is None else "")
+            + ". Unpin one of them or raise the budget.")
+
+
+def default_budget(program: Program) -> float | None:
+    """Per-rank parameter bytes when none is given: on a tensor-parallel dim, what the Megatron
+    plan needs (or an even split if the graph has no Megatron pairs); otherwise unlimited."""
+    d = tp_dim(program.mesh)
+    if d is None:
+        return None
+    params = program.placeholders("parameter")
+    megatron = make_plan("megatron", program, program.mesh)
+    n = program.mesh.sizes[d]
+    if not megatron.params:
+        return sum(nbytes(p) for p in params) / n
+    return sum(nbytes(p) / (1 if isinstance(megatron.for_param(p.meta["meshc_name"])[d], Replicate) else n)
+               for p in params)
+
+
+def default_preset(program: Program) -> str:
+    """The cost-model preset for where the program's tensors live."""
+    device = next((t.device for t in program.state.values() if t.device.type == "cuda"), None)
+    if device is None:
+        return "cpu-gloo"
+    return "h200-nvlink" if "H200" in torch.cuda.get_device_name(device) else "h100-nvlink"
 
 
 @register_pass("auto_shard", preserves_semantics=True,
                description="choose parameter placements with an exact integer program over the cost model")
-def auto_shard(program: Program, *, budget: float = 0.0, preset: str = "cpu-gloo", time_limit: float = 30.0) -> Program:
+def auto_shard(program: Program, *, budget: str = "auto", preset: str = "auto", time_limit: float = 30.0) -> Program:
+    """budget: 'auto' (Megatron's per-rank parameter bytes on a tp dim), 'none', a fraction of
+    all parameter bytes (0.5) or bytes per rank (2e9). preset: a cost-model preset or 'auto'."""
     if program.mesh.size <= 1:
         return program
-    sol = solve_sharding(program, budget or None, preset, time_limit)
+    limit = parse_budget(budget, program)
+    preset = default_preset(program) if preset == "auto" else preset
+    sol = solve_sharding(program, limit, preset, time_limit, copy=False)
+    program.gm.recompile()
     program.plan = sol.plan
-    sharded = len(sol.plan.params)
+    per_dim = ", ".join(f"{d.dim} {d.cost * 1e3:.3f} ms" for d in sol.dims)
     program.notes.append(f"auto_shard: {sol.status} in {sol.solve_seconds:.2f} s over {sol.variables} strategy "
-                         f"variables; predicted {sol.cost * 1e3:.3f} ms per forward ({preset}); "
-                         f"{sharded} parameters sharded")
+                         f"variables ({sol.shared_nodes} nodes share a repeated layer's); predicted "
+                         f"{sol.cost * 1e3:.3f} ms per forward ({preset}: {per_dim}); budget "
+                         f"{'none' if limit is None else f'{limit / 2**20:.2f} MiB'} per rank; "
+                         f"{len(sol.plan.params)} parameters sharded")
     return program
 
 
+def parse_budget(budget: Any, program: Program) -> float | None:
+    """'auto' | 'none' | a fraction | bytes -> per-rank bytes (or a fraction) for solve_sharding."""
+    text = str(budget).strip().lower()
+    if text == "auto":
+        return default_budget(program)
+    if text in ("none", "0", "0.0", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise MeshcError(f"auto_shard: budget {budget!r} is not 'auto', 'none', a fraction (0.5) or bytes "
+                         f"per rank (2e9)") from None
+
+
+# ---- explanations ----------------------------------------------------------------------------
 def _layer_of(node: fx.Node) -> str:
-    path = _module_path(node)
+    path = module_path(node)
     if not path:
         return "(top)"
-    return _block(path) or (path.rsplit(".", 1)[0] if "." in path else "(top)")
+    return block_of_path(path) or (path.rsplit(".", 1)[0] if "." in path else "(top)")
+
+
+def _layer_prefix(fqn: str) -> str:
+    return block_of_path(fqn.rsplit(".", 1)[0]) or "(top)"
 
 
 def explain(solution: Solution, baseline: Solution | None = None, node_name: str | None = None) -> str:
@@ -333,19 +327,7 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
     from meshc.table import render_table
 
     if node_name is not None:
-        node = next((n for n in solution.options if n.name == node_name), None)
-        if node is None:
-            raise MeshcError(f"no node %{node_name}; node names are those of `meshc show MODEL --after dce`")
-        chosen = solution.chosen[node]
-        ranked = sorted(solution.options[node], key=lambda s: (s.cost, _key(s.out)))[:8]
-        assumes = lambda s: ", ".join(f"{u.name}:{_key(p)}" for u, p in s.assumed.items())  # noqa: E731
-        rows = [["*" if s is chosen else "", _key(s.out), assumes(s),
-                 f"{s.compute * 1e6:.2f}", f"{s.comm * 1e6:.2f}", "; ".join(s.collectives) or "-"]
-                for s in ranked]
-        return (f"%{node.name} ({node.target}): {len(solution.options[node])} strategies, cheapest first. Local "
-                f"cost alone does not decide: the solver picks the assignment whose total over the graph is "
-                f"least, so a locally cheap strategy loses when it forces collectives elsewhere.\n"
-                + render_table(["chosen", "output", "assumes inputs", "compute us", "comm us", "collectives"], rows))
+        return _explain_node(solution, node_name)
     per_layer: dict[str, list[float]] = {}
     colls: dict[str, list[str]] = {}
     for node, s in solution.chosen.items():
@@ -358,7 +340,7 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
     for fqn, pls in solution.plan.params.items():
         prefix = _layer_prefix(fqn)
         short = fqn[len(prefix) + 1:] if prefix != "(top)" else fqn
-        params.setdefault(prefix, []).append(f"{short}={'/'.join(_key(p) for p in pls)}")
+        params.setdefault(prefix, []).append(f"{short}={'/'.join(key(p) for p in pls)}")
     rows = []
     for layer, (comp, comm) in per_layer.items():
         kinds = colls[layer]
@@ -366,17 +348,34 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
         rows.append([layer, f"{comp * 1e6:.1f}", f"{comm * 1e6:.1f}", summary, " ".join(params.get(layer, [])) or "R"])
     total_c = sum(v[0] for v in per_layer.values())
     total_m = sum(v[1] for v in per_layer.values())
-    lines = [render_table(["layer", "compute us", "comm us", "collectives", "sharded parameters"], rows), "",
-             f"total: compute {total_c * 1e3:.3f} ms + communication {total_m * 1e3:.3f} ms "
-             f"(objective incl. output gathers {solution.cost * 1e3:.3f} ms); {solution.status}, "
-             f"{solution.solve_seconds:.2f} s, {solution.variables} variables"]
+    main = solution.dims[0].dim if solution.dims else "-"
+    lines = [f"mesh dim '{main}' (placements shown for every solved dim, '/'-separated):",
+             render_table(["layer", "compute us", "comm us", "collectives", "sharded parameters"], rows), "",
+             f"total on '{main}': compute {total_c * 1e3:.3f} ms + communication {total_m * 1e3:.3f} ms"]
+    lines += [f"dim '{d.dim}': {d.cost * 1e3:.3f} ms predicted (incl. output gathers), {d.status}, {d.seconds:.2f} s, "
+              f"{d.variables} variables, {d.shared_nodes} nodes share a repeated layer's" for d in solution.dims]
     if baseline is not None:
         a, b = solution.plan.params, baseline.plan.params
         moved = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        lines.append(f"{baseline.plan.source} plan: {baseline.cost * 1e3:.3f} ms predicted; auto_shard differs on "
-                     f"{len(moved)} parameters" + (f" (e.g. {', '.join(moved[:3])})" if moved else ""))
+        lines.append(f"{baseline.plan.source} plan: {baseline.cost * 1e3:.3f} ms predicted vs auto_shard "
+                     f"{solution.cost * 1e3:.3f} ms; they differ on {len(moved)} parameters"
+                     + (f" (e.g. {', '.join(moved[:3])})" if moved else ""))
     return "\n".join(lines)
 
 
-def _layer_prefix(fqn: str) -> str:
-    return _block(fqn.rsplit(".", 1)[0]) or "(top)"
+def _explain_node(solution: Solution, node_name: str) -> str:
+    from meshc.table import render_table
+
+    node = next((n for n in solution.options if n.name == node_name), None)
+    if node is None:
+        raise MeshcError(f"no node %{node_name}; node names are those of `meshc show MODEL --after dce`")
+    chosen = solution.chosen[node]
+    ranked = sorted(solution.options[node], key=lambda s: (s.cost, key(s.out)))[:8]
+    assumes = lambda s: ", ".join(f"{u.name}:{key(p)}" for u, p in s.assumed.items())  # noqa: E731
+    rows = [["*" if s is chosen else "", key(s.out), assumes(s), f"{s.compute * 1e6:.2f}", f"{s.comm * 1e6:.2f}",
+             "; ".join(s.collectives) or "-"] for s in ranked]
+    return (f"%{node.name} ({node.target}): {len(solution.options[node])} strategies, cheapest first (nodes of a "
+            f"repeated layer show the first such layer's inputs). Local cost alone does not decide: the solver "
+            f"picks the assignment whose total over the graph is least, so a locally cheap strategy loses when it "
+            f"forces collectives elsewhere.\n"
+            + render_table(["chosen", "output", "assumes inputs", "compute us", "comm us", "collectives"], rows))

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from meshc.placement import InterleavedShard, Partial, Placement, Replicate, Shard
 
 aten = torch.ops.aten
@@ -35,12 +34,7 @@ class Decision:
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     """Input nodes holding tensors (or tuples of tensors), in argument order, without repeats."""
-    flat = pytree.tree_leaves((node.args, node.kwargs))
-    out: list[fx.Node] = []
-    for a in flat:
-        if isinstance(a, fx.Node) and a not in out and _is_tensorish(a.meta.get("val")):
-            out.append(a)
-    return out
+    return [a for a in node.all_input_nodes if _is_tensorish(a.meta.get("val"))]  # FX keeps them in order
 
 
 def _is_tensorish(v: Any) -> bool:

@@ -95,9 +95,10 @@ def _check_plan(program: Program, plan: Plan) -> None:
 
 
 
-def split_biases(program: Program, plan: Plan | None) -> None:
+def split_biases(program: Program, plan: Plan | None, recompile: bool = True) -> None:
     """linear(x, w, b) / addmm(b, x, w) -> linear(x, w) + b where `plan` shards w's contraction dim
-    (every biased linear if `plan` is None: auto_shard searches on that form)."""
+    (every biased linear if `plan` is None: auto_shard searches on that form). Without
+    `recompile` only the graph changes (the GraphModule's code is stale until recompiled)."""
     graph = program.graph
     by_name = {n: n.meta.get("meshc_name") for n in program.placeholders()}
     for node in list(graph.nodes):
@@ -121,7 +122,8 @@ def split_biases(program: Program, plan: Plan | None) -> None:
             new.meta["meshc_pass"] = "spmd_partition"
         node.replace_all_uses_with(add)
         graph.erase_node(node)
-    program.gm.recompile()
+    if recompile:
+        program.gm.recompile()
 
 
 # ---- propagation ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Run a model spec on a local mesh and compare with eager: what `meshc run` does.
 
-Entry point: `run_on_mesh(model, mesh, plan="megatron", batch=2, seqs=(16, 33), iters=5, timeout=120)
+Entry point: `run_on_mesh(model, mesh, plan="auto", batch=2, seqs=(16, 33), iters=5, timeout=120)
 -> dict`. Every rank loads the model (same seed), compiles it for the mesh, runs it at each
 sequence length from one compile, and compares with the eager model in the same process; rank 0's
 report comes back with every rank's max error and the median forward time.
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 
-def run_on_mesh(model: str, mesh: str, plan: Any = "megatron", batch: int = 2, seqs: tuple[int, ...] = (16, 33),
+def run_on_mesh(model: str, mesh: str, plan: Any = "auto", batch: int = 2, seqs: tuple[int, ...] = (16, 33),
                 iters: int = 5, timeout: float = 120.0, show_program: bool = False, pipeline: str = "default") -> dict:
     from meshc.runtime.launch import launch
 

@@ -5,8 +5,9 @@ import pytest
 from meshc import MeshSpec, PassManager, capture
 from meshc.collectives import count_collectives
 from meshc.errors import MeshcError
-from meshc.passes.auto_shard import _nbytes, explain, solve_sharding
-from meshc.placement import Shard
+from meshc.passes.auto_shard import explain, solve_sharding
+from meshc.passes.sharding_strategies import nbytes as _nbytes
+from meshc.placement import Shard, describe
 from meshc.plan import make_plan
 from meshc.runtime.run_on_mesh import run_on_mesh
 
@@ -67,10 +68,17 @@ def test_plan_is_deterministic(gpt2):
     assert a.plan.to_json() == b.plan.to_json()
 
 
-def test_infeasible_constraints_name_the_conflict(mlp):
+def test_infeasible_constraints_name_a_minimal_conflict(mlp):
     program = _program(mlp, "tp=2")
-    with pytest.raises(MeshcError, match=r"no plan satisfies.*Conflicting pins \(replicated\): mid.weight, up.weight"):
-        solve_sharding(program, budget=0.3, pin={"up.weight": "R", "mid.weight": "R"})
+    pins = {"up.weight": "R", "mid.weight": "R", "down.bias": "R"}  # only mid.weight's cannot fit the budget
+    conflict = r"no plan satisfies .*Conflicting constraints: mid.weight \(node %p_mid_weight\) pinned R\. These pins"
+    with pytest.raises(MeshcError, match=conflict + " need 0.25 MiB") as e:
+        solve_sharding(program, budget=0.6, pin=pins)
+    assert "up.weight" not in str(e.value) and "down.bias" not in str(e.value)
+    with pytest.raises(MeshcError, match=r"even sharding every parameter that can be sharded leaves 0.19 MiB"):
+        solve_sharding(program, budget=0.3)
+    with pytest.raises(MeshcError, match=r"cannot pin up.bias to S\(1\).*possible placements are R, S\(0\)"):
+        solve_sharding(program, pin={"up.bias": "S(1)"})
 
 
 def test_explain_lists_layers_and_alternatives(llama):
@@ -78,9 +86,42 @@ def test_explain_lists_layers_and_alternatives(llama):
     sol = solve_sharding(program, budget=0.6, preset="h100-nvlink")
     text = explain(sol, solve_sharding(program, preset="h100-nvlink",
                                        fixed_plan=make_plan("megatron", program, program.mesh)))
-    assert "model.layers.0" in text and "megatron plan:" in text and "total: compute" in text
+    assert "model.layers.0" in text and "megatron plan:" in text and "total on 'tp': compute" in text
     linear = next(n for n in sol.chosen if n.name.startswith("linear"))
     assert "strategies, cheapest first" in explain(sol, node_name=linear.name)
+
+
+def _llama(layers):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_integer_program_does_not_grow_with_depth():
+    import torch
+
+    ids = torch.randint(0, 256, (2, 8))
+    sols = []
+    for layers in (3, 9):
+        program = PassManager("dce").run(capture(_llama(layers), (ids,), {"use_cache": False},
+                                                 mesh=MeshSpec.parse("tp=4"), dynamic_shapes="auto"))
+        sols.append(solve_sharding(program, budget=0.4, preset="h100-nvlink"))
+    assert sols[0].variables == sols[1].variables  # layers past the second reuse its variables
+    assert sols[1].shared_nodes > sols[0].shared_nodes
+    a, b = (s.plan.params for s in sols)  # and every layer gets the same placements
+    assert {k.replace("layers.8", "layers.2"): v for k, v in b.items() if "layers.8." in k} == \
+        {k: v for k, v in a.items() if "layers.2." in k}
+
+
+def test_two_dim_mesh_solves_every_dim(llama):
+    program = _program(llama, "dp=2,tp=2")
+    sol = solve_sharding(program, budget=0.6, preset="h100-nvlink")
+    assert [d.dim for d in sol.dims] == ["tp", "dp"]  # the tensor-parallel dim first
+    assert sol.plan.params and all(describe(p[0]) == "R" for p in sol.plan.params.values())  # dp: replicas
+    assert all(describe(p) == "S(0)" for p in sol.plan.for_input("args[0]")[:1])  # batch split on dp
+    assert sol.cost == sum(d.cost for d in sol.dims)
 
 
 @pytest.mark.timeout(300)
@@ -89,6 +130,14 @@ def test_auto_shard_end_to_end_equals_eager():
                     pipeline="dce,auto_shard(budget=0.6,preset=h100-nvlink),spmd_partition,lint")
     assert r["max_abs_error"] <= 1e-5, r["checks"]
     assert "auto_shard: optimal" in r["report"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("model, mesh", [("llama-tiny", "tp=4"), ("gpt2-tiny", "dp=2,tp=2")])
+def test_compile_uses_auto_shard_by_default_and_equals_eager(model, mesh):
+    r = run_on_mesh(model, mesh, iters=1, timeout=240)  # compile()'s default plan
+    assert r["max_abs_error"] <= 1e-5, r["checks"]
+    assert "auto_shard: optimal" in r["report"] and "parameters sharded" in r["report"]
 
 
 def test_plan_file_is_keyed_by_the_graph_and_exports_to_parallelize_module(llama, mlp, tmp_path):

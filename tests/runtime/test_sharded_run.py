@@ -10,7 +10,7 @@ SLOW_CASES = [("llama-tiny", "tp=4"), ("gpt2-tiny", "dp=2,tp=2")]
 
 
 def check(model: str, mesh: str) -> dict:
-    r = run_on_mesh(model, mesh, iters=1, timeout=240)
+    r = run_on_mesh(model, mesh, plan="megatron", iters=1, timeout=240)
     assert [c["seq"] for c in r["checks"]] == [16, 33]
     assert r["max_abs_error"] <= 1e-5, r["checks"]
     assert "all_reduce@tp x8" in r["report"]

@@ -1,0 +1,402 @@
+"""Pipeline-parallel execution of a staged Program: run a Schedule's actions on the ranks of `pp`.
+
+Entry points: `PipelineModel(program, schedule, device_mesh)` with `forward(*args, **kwargs)`
+(inference: the schedule's F actions) and `train_step(inputs, target, loss_fn) -> loss` (every
+action: F, B or the split I/W of zero-bubble schedules), `last_trace` (measured start/end of every
+action on this rank; `meshc.runtime.pipeline_trace` writes Chrome traces and compares with the
+schedule's prediction).
+
+How it runs. The Program's nodes carry `meta["meshc_stage"]` (pass `pipeline_partition`);
+`pipeline_stages.split_stages` cuts it into one graph per virtual stage; stage s runs on pp rank
+`schedule.stage_rank(s)`. The batch (dim 0 of every batched input) is cut into `microbatches`
+equal micro-batches. Activations go from stage s to s+1 and gradients back with
+`dist.batch_isend_irecv` (gloo or NCCL): sends are asynchronous, the receive an action needs is
+posted one action ahead and waited right before use, each wait bounded by the process group's
+timeout (`meshc.launch(timeout=...)`) or `timeout`. Receive buffers are sized from the graph's
+symbolic shapes bound to the micro-batch's input sizes, so no shape messages are sent.
+
+Training: the last stage applies `loss_fn(output, target)` per micro-batch, scaled by
+1/microbatches (and 1/tp: every tp rank seeds its replicated loss), so gradients equal
+single-process gradient accumulation over the micro-batches. Gradients of a step are collected,
+summed over tp for replicated parameters and over pp ranks for tensors several stages read (tied
+weights), then added to `.grad` of the local parameters (`local_parameters()`).
+
+Never imports a pass, never builds or changes a schedule (an invalid one fails in
+`build_schedule`, before any process waits), never waits without a timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import time
+from typing import Any
+
+import sympy
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from meshc.errors import InputError, MeshError, ScheduleError
+from meshc.program import Program
+from meshc.runtime.pipeline_stages import Boundary, differentiable_collectives, split_stages, trainable
+from meshc.runtime.schedules import Action, Schedule
+
+
+class PipelineModel(torch.nn.Module):
+    def __init__(self, program: Program, schedule: Schedule, device_mesh: Any = None, *,
+                 timeout: float | None = None):
+        super().__init__()
+        mesh = program.mesh
+        extra = [f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes) if n not in ("pp", "tp") and s > 1]
+        if extra:
+            raise MeshError(f"the pipeline runtime runs meshes with 'pp' and 'tp' dims; mesh '{mesh}' also has "
+                            f"{', '.join(extra)}")
+        if schedule.pp != mesh.dim_size("pp"):
+            raise ScheduleError(f"{schedule} is for pp={schedule.pp} but mesh '{mesh}' has pp={mesh.dim_size('pp')}")
+        self.program, self.schedule, self.timeout = program, schedule, timeout
+        self.split = split_stages(program, schedule.num_stages)
+        coords = mesh.coords(program.rank)
+        self._pp_axis = mesh.names.index("pp") if "pp" in mesh.names else None
+        self.pp_rank = coords[self._pp_axis] if self._pp_axis is not None else 0
+        self.tp = mesh.dim_size("tp")
+        self.last = schedule.num_stages - 1
+        self.local = {s: self.split.stages[s] for s in schedule.rank_stages(self.pp_rank)}
+        if self.tp > 1:
+            for st in self.local.values():
+                st.gm = differentiable_collectives(st.gm)
+        self._state, self.params = self._local_state()
+        self.pp_group = device_mesh.get_group("pp") if device_mesh is not None and schedule.pp > 1 else None
+        self.tp_group = device_mesh.get_group("tp") if device_mesh is not None and self.tp > 1 else None
+        self.last_trace: list[dict] = []
+        self.backend, self.report = "aten", ""  # as CompiledModel: stages run as ATen graphs
+
+    # ---- state ----------------------------------------------------------------------------------
+    def _local_state(self):
+        """placeholder name -> tensor for what the local stages read; trainable floats are leaves
+        (the model's own Parameters where possible, so `.grad` lands on them)."""
+        nodes = {n.name: n for n in self.program.placeholders()}
+        by_id: dict[int, torch.Tensor] = {}
+        state, params = {}, {}
+        for st in self.local.values():
+            for name in st.state:
+                t = self.program.state[name]
+                if id(t) not in by_id:
+                    if trainable(nodes[name]) and not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
+                        t = torch.nn.Parameter(t.detach(), requires_grad=True)
+                    by_id[id(self.program.state[name])] = t
+                state[name] = by_id[id(self.program.state[name])]
+                if trainable(nodes[name]):
+                    params[name] = state[name]
+        return state, params
+
+    def local_parameters(self) -> dict[str, torch.Tensor]:
+        """This rank's trainable tensors by the model's FQN (tied weights under each name)."""
+        return {self.program.fqn(name): t for name, t in self.params.items()}
+
+    def _stage_params(self, s: int) -> list[torch.Tensor]:
+        return list({id(t): t for n in self.local[s].state if (t := self.params.get(n)) is not None}.values())
+
+    # ---- calls ----------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Inference: the outputs of the whole batch, in the model's structure, on every rank."""
+        flat = self.program.bind_inputs(args, kwargs)
+        with torch.no_grad():
+            return self._step(flat, None, None)
+
+    def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
+        """One step: every micro-batch forward and backward per the schedule. Returns the mean
+        micro-batch loss (on every rank) and adds this step's gradients to `.grad`."""
+        if not self.schedule.training:
+            raise ScheduleError(f"{self.schedule} has no backward; build a training schedule "
+                                f"(gpipe, 1f1b, interleaved-1f1b, zb-h1) for train_step")
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return self._step(self.program.bind_inputs(args, kwargs or {}), target, loss_fn)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _step(self, flat: list, target: Any, loss_fn) -> Any:
+        m, training = self.schedule.microbatches, loss_fn is not None
+        self._mbs = split_microbatches(flat, m, self.program)
+        self._targets = [pytree.tree_map(lambda t, i=i: _chunk(t, m, i, "target"), target) for i in range(m)] \
+            if training else None
+        self._loss_fn, self._ctx, self._outs, self._losses, self._grads = loss_fn, {}, {}, [], {}
+        self._ex = _Exchange(self, shape_binding(self.program, self._mbs[0]))
+        actions = [a for a in self.schedule.actions[self.pp_rank] if training or a.op == "F"]
+        trace = []
+        for i, a in enumerate(actions):
+            if i + 1 < len(actions):
+                self._ex.prefetch(actions[i + 1])  # post the next receive before computing this action
+            t0, self._ex.waited = time.perf_counter(), 0.0
+            getattr(self, f"_run_{a.op}")(a)
+            trace.append({"op": a.op, "stage": a.stage, "mb": a.mb, "start": t0, "end": time.perf_counter(),
+                          "wait": self._ex.waited, "rank": self.program.rank, "pp_rank": self.pp_rank})
+        self._ex.finish()
+        self.last_trace = trace
+        if not training:
+            return self._merged_outputs()
+        self._reduce_gradients()
+        loss = torch.stack(self._losses).sum() / m if self._losses else torch.zeros(())
+        if self.pp_group is not None:
+            dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank holds a non-zero loss
+        return loss
+
+    def _run_F(self, a: Action) -> None:
+        st, training = self.local[a.stage], self._loss_fn is not None
+        recv = self._ex.take("act", a.stage, a.mb) if a.stage > 0 else []
+        if training:
+            recv = [t.requires_grad_(True) if b.requires_grad else t for b, t in zip(st.recv, recv)]
+        args = [*recv, *(self._state[n] for n in st.state), *(self._mbs[a.mb][i] for i in st.user)]
+        with torch.set_grad_enabled(training):
+            out = list(st.gm(*args))
+            if a.stage < self.last:
+                self._ex.send("act", a.stage + 1, a.mb, out)
+                if training:
+                    rg = [o for b, o in zip(st.send, out) if b.requires_grad]
+                    self._ctx[a.stage, a.mb] = (recv, rg)
+                return
+            self._outs[a.mb] = out
+            if training:
+                loss = self._loss_fn(self._unflatten(out), self._targets[a.mb])
+                self._losses.append(loss.detach())
+                self._ctx[a.stage, a.mb] = (recv, [loss / (self.schedule.microbatches * self.tp)])
+
+    def _backward_args(self, a: Action):
+        recv, outs = self._ctx[a.stage, a.mb]
+        st = self.local[a.stage]
+        inputs = [t for b, t in zip(st.recv, recv) if b.requires_grad]
+        grads = self._ex.take("grad", a.stage, a.mb) if a.stage < self.last else [None]
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+        return inputs, [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _run_B(self, a: Action) -> None:
+        inputs, outs, grads = self._backward_args(a)
+        params = self._stage_params(a.stage)
+        got = _grad(outs, inputs + params, grads, retain=False)
+        self._send_input_grads(a, inputs, got[:len(inputs)])
+        self._accumulate(params, got[len(inputs):])
+        del self._ctx[a.stage, a.mb]
+
+    def _run_I(self, a: Action) -> None:
+        inputs, outs, grads = self._backward_args(a)
+        got = _grad(outs, inputs, grads, retain=True)
+        self._send_input_grads(a, inputs, got)
+        self._ctx[a.stage, a.mb] = (outs, grads)
+
+    def _run_W(self, a: Action) -> None:
+        outs, grads = self._ctx.pop((a.stage, a.mb))
+        params = self._stage_params(a.stage)
+        self._accumulate(params, _grad(outs, params, grads, retain=False))
+
+    def _send_input_grads(self, a: Action, inputs: list, got: list) -> None:
+        if a.stage > 0:
+            self._ex.send("grad", a.stage - 1, a.mb, [g if g is not None else torch.zeros_like(t)
+                                                      for t, g in zip(inputs, got)])
+
+    def _accumulate(self, params: list, grads: list) -> None:
+        for p, g in zip(params, grads):
+            if g is not None:
+                self._grads[id(p)] = self._grads[id(p)] + g if id(p) in self._grads else g
+
+    def _reduce_gradients(self) -> None:
+        """Sum this step's gradients over tp (replicated parameters) and over the pp ranks that
+        share a tensor, then add them to `.grad`. Every rank runs the same collectives in order."""
+        nodes = {n.name: n for n in self.program.placeholders()}
+        if self.tp_group is not None:
+            tp_axis = self.program.mesh.names.index("tp")
+            for name, p in self.params.items():
+                pls = nodes[name].meta.get("meshc_placement")
+                if id(p) in self._grads and (pls is None or pls[tp_axis].is_replicate()):
+                    dist.all_reduce(self._grads[id(p)], group=self.tp_group)
+        if self.pp_group is not None:
+            for group in self.split.shared_state:
+                if not trainable(nodes[group[0]]):
+                    continue
+                mine = next((self.params[n] for n in group if n in self.params), None)
+                g = self._grads.get(id(mine)) if mine is not None else None
+                if g is None:
+                    g = torch.zeros_like(self.program.state[group[0]] if mine is None else mine)
+                dist.all_reduce(g, group=self.pp_group)  # ranks that do not read it contribute zeros
+                if mine is not None:
+                    self._grads[id(mine)] = g
+        for p in {id(p): p for p in self.params.values()}.values():
+            if id(p) in self._grads:
+                p.grad = self._grads[id(p)].detach() if p.grad is None else p.grad + self._grads[id(p)]
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def _unflatten(self, out: list) -> Any:
+        it = iter(out)
+        return self.program.unflatten_outputs([next(it) if t is None else t for t in self.split.output_template])
+
+    def _merged_outputs(self) -> Any:
+        merged = None
+        if self.last in self.local:
+            m = self.schedule.microbatches
+            leaves = [[self._outs[i][k] for i in range(m)] for k in range(len(self._outs[0]))]
+            merged = [torch.cat(v) if isinstance(v[0], torch.Tensor) and v[0].dim() else v[0] for v in leaves]
+        if self.pp_group is not None:
+            box = [merged]
+            dist.broadcast_object_list(box, src=self._global_rank(self.schedule.stage_rank(self.last)),
+                                       group=self.pp_group)
+            merged = box[0]
+        return self._unflatten(merged)
+
+    def _global_rank(self, pp_rank: int) -> int:
+        if self._pp_axis is None:
+            return self.program.rank
+        coords = list(self.program.mesh.coords(self.program.rank))
+        coords[self._pp_axis] = pp_rank
+        rank = 0
+        for c, n in zip(coords, self.program.mesh.sizes):
+            rank = rank * n + c
+        return rank
+
+
+def _grad(outputs: list, inputs: list, grads: list, retain: bool) -> list:
+    if not outputs or not inputs:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(outputs, inputs, grads, retain_graph=retain, allow_unused=True))
+
+
+# ---- micro-batches and shapes ---------------------------------------------------------------------
+
+def _chunk(t: Any, m: int, i: int, what: str) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    if t.shape[0] % m:
+        raise InputError(f"{what}: batch of {t.shape[0]} does not divide into {m} micro-batches; use a batch that "
+                         f"is a multiple of {m}, or another micro-batch count")
+    b = t.shape[0] // m
+    return t[i * b:(i + 1) * b]
+
+
+def split_microbatches(flat: list, m: int, program: Program) -> list[list]:
+    """The flat user inputs cut into m micro-batches along dim 0 (non-tensors repeated)."""
+    names = [n.meta["meshc_name"] for n in program.placeholders("user")]
+    return [[_chunk(t, m, i, f"input {name}") for t, name in zip(flat, names)] for i in range(m)]
+
+
+def shape_binding(program: Program, mb_inputs: list) -> dict:
+    """Size symbol -> value, from the captured inputs' symbolic shapes and one micro-batch's inputs."""
+    binding = {}
+    for node, value in zip(program.placeholders("user"), mb_inputs):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                binding[size.node.expr] = value.shape[d]
+            elif isinstance(size, int) and size != value.shape[d]:
+                raise InputError(f"input {node.meta['meshc_name']} dim {d} was captured static with size {size} "
+                                 f"but a micro-batch has {value.shape[d]}; capture with dynamic_shapes='auto' "
+                                 f"(meshc.compile's default) or with example inputs of one micro-batch")
+    return binding
+
+
+def concrete_shape(val: torch.Tensor, binding: dict) -> list[int]:
+    out = []
+    for size in val.shape:
+        if isinstance(size, torch.SymInt):
+            expr = sympy.sympify(sympy.sympify(size.node.expr).xreplace(binding))
+            if expr.free_symbols:
+                raise MeshError(f"cannot size a pipeline receive buffer: {size} has unbound symbols "
+                                f"{sorted(map(str, expr.free_symbols))}")
+            size = int(expr)
+        out.append(int(size))
+    return out
+
+
+# ---- point-to-point ---------------------------------------------------------------------------------
+
+class _Exchange:
+    """Activations ('act', s, mb: into stage s) and gradients ('grad', s, mb: into stage s, from s+1).
+    Between stages on the same rank, values are handed over (detached) without communication."""
+
+    def __init__(self, model: PipelineModel, binding: dict):
+        self.model, self.binding = model, binding
+        self.me = model.program.rank
+        self.m = model.schedule.microbatches
+        self.width = 1 + max([len(s.recv) for s in model.split.stages] + [1])
+        self.posted: dict[tuple, tuple[list, list]] = {}
+        self.box: dict[tuple, list] = {}
+        self.sends: list = []
+        self.waited = 0.0
+        self.timeout = datetime.timedelta(seconds=model.timeout) if model.timeout else None
+
+    def _specs(self, kind: str, stage: int) -> list[Boundary]:
+        st = self.model.split.stages[stage]
+        return st.recv if kind == "act" else [b for b in st.send if b.requires_grad]
+
+    def _peer(self, kind: str, stage: int) -> int:
+        """Global rank of the sender of a value entering `stage`."""
+        src = stage - 1 if kind == "act" else stage + 1
+        return self.model._global_rank(self.model.schedule.stage_rank(src))
+
+    def _tag(self, kind: str, stage: int, mb: int, i: int) -> int:
+        return (((stage * self.m + mb) * 2 + (kind == "grad")) * self.width) + i
+
+    def prefetch(self, a: Action) -> None:
+        if a.op == "F" and a.stage > 0:
+            self._post("act", a.stage, a.mb)
+        elif a.op in ("B", "I") and a.stage < self.model.last:
+            self._post("grad", a.stage, a.mb)
+
+    def _post(self, kind: str, stage: int, mb: int) -> None:
+        key = (kind, stage, mb)
+        peer = self._peer(kind, stage)
+        if key in self.posted or peer == self.me:
+            return
+        bufs = [torch.empty(concrete_shape(b.val, self.binding), dtype=b.val.dtype)
+                if isinstance(b.val, torch.Tensor) else torch.empty(1, dtype=torch.int64)
+                for b in self._specs(kind, stage)]
+        ops = [dist.P2POp(dist.irecv, t, peer, tag=self._tag(kind, stage, mb, i)) for i, t in enumerate(bufs)]
+        self.posted[key] = (bufs, dist.batch_isend_irecv(ops) if ops else [])
+
+    def take(self, kind: str, stage: int, mb: int) -> list:
+        key = (kind, stage, mb)
+        if self._peer(kind, stage) == self.me:
+            return self.box.pop(key)
+        self._post(kind, stage, mb)
+        bufs, works = self.posted.pop(key)
+        t0 = time.perf_counter()
+        for w in works:
+            w.wait(self.timeout) if self.timeout else w.wait()
+        self.waited += time.perf_counter() - t0
+        return [t if isinstance(b.val, torch.Tensor) else int(t.item()) for b, t in zip(self._specs(kind, stage), bufs)]
+
+    def send(self, kind: str, stage: int, mb: int, values: list) -> None:
+        """Send the values entering `stage` (activations: all of stage-1's outputs; gradients: one per
+        requires-grad boundary value)."""
+        dst = self.model._global_rank(self.model.schedule.stage_rank(stage))
+        if dst == self.me:
+            self.box[kind, stage, mb] = [v.detach() if isinstance(v, torch.Tensor) else v for v in values]
+            return
+        tensors = [v.detach().contiguous() if isinstance(v, torch.Tensor) else torch.tensor([int(v)])
+                   for v in values]
+        ops = [dist.P2POp(dist.isend, t, dst, tag=self._tag(kind, stage, mb, i)) for i, t in enumerate(tensors)]
+        if ops:
+            self.sends.append((tensors, dist.batch_isend_irecv(ops)))
+
+    def finish(self) -> None:
+        for _, works in self.sends:
+            for w in works:
+                w.wait(self.timeout) if self.timeout else w.wait()
+        self.sends.clear()
+
+
+def pipeline_model(program: Program, device_mesh: Any, schedule: Schedule, timeout: float | None = None
+                   ) -> PipelineModel:
+    """What `meshc.compile` returns for a mesh with a `pp` dim: ranks check they compiled the same
+    plan; with a `tp` dim the local shards are cut and collectives bound first (`prepare_rank`)."""
+    from meshc.runtime.sharded import check_same_plan, prepare_rank
+
+    if program.mesh.dim_size("tp") > 1:
+        program = prepare_rank(program, device_mesh)
+    else:  # nothing to shard: compare the graphs (and their stages) only
+        check_same_plan(dataclasses.replace(program, plan=None))
+    stages = [n.meta.get("meshc_stage") for n in program.graph.nodes]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, hashlib.sha1(repr(stages).encode()).hexdigest()[:12])
+    if len(set(everyone)) > 1:
+        raise MeshError(f"ranks assigned different pipeline stages (stage hashes per rank: {everyone}); every rank "
+                        f"must compile the same model, inputs, mesh and pipeline")
+    return PipelineModel(program, schedule, device_mesh, timeout=timeout)
