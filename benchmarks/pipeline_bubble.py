@@ -1,6 +1,6 @@
 """Measured pipeline bubbles on uniform synthetic stages vs the textbook formula, on a gloo mesh.
 
-    .venv/bin/python benchmarks/pipeline_bubble.py                 # p=4, m in {4, 8, 16}, T=20 ms
+    .venv/bin/python benchmarks/pipeline_bubble.py                 # p=4, m in {4, 8, 16}, T=50 ms
     .venv/bin/python benchmarks/pipeline_bubble.py --pp 4 --unit-ms 10
 
 Each of the p stages is one block `x = slow(x; F=T, dx=T) + slow(w; dw=T)` made of a custom op
@@ -9,8 +9,9 @@ forward T, input-gradient T, weight-gradient T, so F = I = W = T and B = I + W =
 schedules assume. The model is captured by meshc and run by meshc's pipeline runtime (real gloo
 point-to-point transfers); block i is stage i. Per rank, the idle fraction is 1 - compute time /
 the step's wall time (`meshc.runtime.pipeline_trace.idle_fractions`). GPipe and 1F1B should
-match (p-1)/(m+p-1); ZB-H1 should be below 1F1B. (Stage 0 has no input gradient to send, so its
-I is empty and its W takes 2T; the schedules' simulation assumes I = W = T there too.) Writes benchmarks/results_pipeline_bubble_cpu.json.
+match (p-1)/(m+p-1); ZB-H1 should be below 1F1B and near its simulation. (Stage 0 adds a
+parameter b before its block, so its activation path has a backward like every other stage's.)
+Writes benchmarks/results_pipeline_bubble_cpu.json.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _gather(trace: list[dict]) -> list[list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pp", type=int, default=4)
-    ap.add_argument("--unit-ms", type=float, default=20.0, help="T: forward = input-grad = weight-grad time")
+    ap.add_argument("--unit-ms", type=float, default=50.0, help="T: forward = input-grad = weight-grad time")
     ap.add_argument("--microbatches", default="4,8,16")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_pipeline_bubble_cpu.json")))
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()}, gloo, {args.pp} processes, sleeping stages",
               "torch": torch.__version__, "command": "python benchmarks/pipeline_bubble.py " + " ".join(sys.argv[1:])}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"ZB-H1 idle minus 1F1B idle: " + ", ".join(f"m={m}: {d:+.3f}" for m, d in
+    print("ZB-H1 idle minus 1F1B idle: " + ", ".join(f"m={m}: {d:+.3f}" for m, d in
                                                         result["zb_h1_minus_1f1b_idle"].items()))
     print(f"wrote {args.out}")
     return 0

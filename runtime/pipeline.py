@@ -9,15 +9,19 @@ schedule's prediction).
 How it runs. The Program's nodes carry `meta["meshc_stage"]` (pass `pipeline_partition`);
 `pipeline_stages.split_stages` cuts it into one graph per virtual stage; stage s runs on pp rank
 `schedule.stage_rank(s)`. The batch (dim 0 of every batched input) is cut into `microbatches`
-equal micro-batches. Activations go from stage s to s+1 and gradients back with
-`dist.batch_isend_irecv` (gloo or NCCL): sends are asynchronous, the receive an action needs is
-posted one action ahead and waited right before use, each wait bounded by the process group's
-timeout (`meshc.launch(timeout=...)`) or `timeout`. Receive buffers are sized from the graph's
-symbolic shapes bound to the micro-batch's input sizes, so no shape messages are sent.
+equal micro-batches. Activations go from stage s to s+1 and gradients back through
+`pipeline_p2p.Exchange` (`dist.batch_isend_irecv`, gloo or NCCL): sends are asynchronous, the
+receive an action needs is posted one action ahead and waited right before use, each wait bounded
+by the process group's timeout (`meshc.launch(timeout=...)`) or `timeout`. Receive buffers are
+sized from the graph's symbolic shapes bound to the micro-batch's input sizes (no shape messages).
 
 Training: the last stage applies `loss_fn(output, target)` per micro-batch, scaled by
 1/microbatches (and 1/tp: every tp rank seeds its replicated loss), so gradients equal
-single-process gradient accumulation over the micro-batches. Gradients of a step are collected,
+single-process gradient accumulation over the micro-batches. B is one `autograd.grad` over the
+stage's inputs and weights. Zero-bubble's I asks for the input gradients and for the gradient dq
+of every weight-reading node's output (graph kept); W is then each reader's local vjp
+dq -> dweight (`pipeline_stages.with_weight_outputs`; where that is not exact, W differentiates
+the whole stage w.r.t. the weights again). Gradients of a step are collected,
 summed over tp for replicated parameters and over pp ranks for tensors several stages read (tied
 weights), then added to `.grad` of the local parameters (`local_parameters()`).
 
@@ -28,18 +32,22 @@ Never imports a pass, never builds or changes a schedule (an invalid one fails i
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import time
 from typing import Any
 
-import sympy
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
-from meshc.errors import InputError, MeshError, ScheduleError
+from meshc.errors import MeshError, ScheduleError
 from meshc.program import Program
-from meshc.runtime.pipeline_stages import Boundary, differentiable_collectives, split_stages, trainable
+from meshc.runtime.pipeline_p2p import Exchange, microbatch, shape_binding, split_microbatches
+from meshc.runtime.pipeline_stages import (
+    differentiable_collectives,
+    split_stages,
+    trainable,
+    with_weight_outputs,
+)
 from meshc.runtime.schedules import Action, Schedule
 
 
@@ -66,6 +74,9 @@ class PipelineModel(torch.nn.Module):
             for st in self.local.values():
                 st.gm = differentiable_collectives(st.gm)
         self._state, self.params = self._local_state()
+        split_w = any(a.op == "W" for a in schedule.actions[self.pp_rank])
+        self._weight_readers = {s: with_weight_outputs(st, set(self.params)) if split_w else None
+                                for s, st in self.local.items()}
         self.pp_group = device_mesh.get_group("pp") if device_mesh is not None and schedule.pp > 1 else None
         self.tp_group = device_mesh.get_group("tp") if device_mesh is not None and self.tp > 1 else None
         self.last_trace: list[dict] = []
@@ -117,10 +128,10 @@ class PipelineModel(torch.nn.Module):
     def _step(self, flat: list, target: Any, loss_fn) -> Any:
         m, training = self.schedule.microbatches, loss_fn is not None
         self._mbs = split_microbatches(flat, m, self.program)
-        self._targets = [pytree.tree_map(lambda t, i=i: _chunk(t, m, i, "target"), target) for i in range(m)] \
+        self._targets = [pytree.tree_map(lambda t, i=i: microbatch(t, m, i, "target"), target) for i in range(m)] \
             if training else None
         self._loss_fn, self._ctx, self._outs, self._losses, self._grads = loss_fn, {}, {}, [], {}
-        self._ex = _Exchange(self, shape_binding(self.program, self._mbs[0]))
+        self._ex = Exchange(self, shape_binding(self.program, self._mbs[0]))
         actions = [a for a in self.schedule.actions[self.pp_rank] if training or a.op == "F"]
         trace = []
         for i, a in enumerate(actions):
@@ -146,30 +157,33 @@ class PipelineModel(torch.nn.Module):
         if training:
             recv = [t.requires_grad_(True) if b.requires_grad else t for b, t in zip(st.recv, recv)]
         args = [*recv, *(self._state[n] for n in st.state), *(self._mbs[a.mb][i] for i in st.user)]
+        readers = self._weight_readers.get(a.stage) if training else None
         with torch.set_grad_enabled(training):
-            out = list(st.gm(*args))
+            out = list((readers[0] if readers else st.gm)(*args))
+            qs = out[len(out) - len(readers[1]):] if readers else []  # outputs of the weights' readers
+            out = out[:len(out) - len(qs)]
             if a.stage < self.last:
                 self._ex.send("act", a.stage + 1, a.mb, out)
                 if training:
                     rg = [o for b, o in zip(st.send, out) if b.requires_grad]
-                    self._ctx[a.stage, a.mb] = (recv, rg)
+                    self._ctx[a.stage, a.mb] = (recv, rg, qs)
                 return
             self._outs[a.mb] = out
             if training:
                 loss = self._loss_fn(self._unflatten(out), self._targets[a.mb])
                 self._losses.append(loss.detach())
-                self._ctx[a.stage, a.mb] = (recv, [loss / (self.schedule.microbatches * self.tp)])
+                self._ctx[a.stage, a.mb] = (recv, [loss / (self.schedule.microbatches * self.tp)], qs)
 
     def _backward_args(self, a: Action):
-        recv, outs = self._ctx[a.stage, a.mb]
+        recv, outs, qs = self._ctx[a.stage, a.mb]
         st = self.local[a.stage]
         inputs = [t for b, t in zip(st.recv, recv) if b.requires_grad]
         grads = self._ex.take("grad", a.stage, a.mb) if a.stage < self.last else [None]
         pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
-        return inputs, [o for o, _ in pairs], [g for _, g in pairs]
+        return inputs, [o for o, _ in pairs], [g for _, g in pairs], qs
 
     def _run_B(self, a: Action) -> None:
-        inputs, outs, grads = self._backward_args(a)
+        inputs, outs, grads, _ = self._backward_args(a)
         params = self._stage_params(a.stage)
         got = _grad(outs, inputs + params, grads, retain=False)
         self._send_input_grads(a, inputs, got[:len(inputs)])
@@ -177,15 +191,24 @@ class PipelineModel(torch.nn.Module):
         del self._ctx[a.stage, a.mb]
 
     def _run_I(self, a: Action) -> None:
-        inputs, outs, grads = self._backward_args(a)
-        got = _grad(outs, inputs, grads, retain=True)
-        self._send_input_grads(a, inputs, got)
-        self._ctx[a.stage, a.mb] = (outs, grads)
+        """Input gradients (sent at once) and, with weight readers, their outputs' gradients dq."""
+        inputs, outs, grads, qs = self._backward_args(a)
+        got = _grad(outs, inputs + qs, grads, retain=True)
+        self._send_input_grads(a, inputs, got[:len(inputs)])
+        self._ctx[a.stage, a.mb] = (qs, got[len(inputs):]) if self._weight_readers.get(a.stage) else (outs, grads)
 
     def _run_W(self, a: Action) -> None:
+        """Weight gradients: each reader's local vjp dq -> dweight, or (no readers) the whole stage again."""
         outs, grads = self._ctx.pop((a.stage, a.mb))
-        params = self._stage_params(a.stage)
-        self._accumulate(params, _grad(outs, params, grads, retain=False))
+        readers = self._weight_readers.get(a.stage)
+        if readers is None:
+            params = self._stage_params(a.stage)
+            self._accumulate(params, _grad(outs, params, grads, retain=False))
+            return
+        for q, dq, names in zip(outs, grads, readers[1]):
+            if dq is not None and q.requires_grad:
+                params = list({id(t): t for t in (self.params[n] for n in names)}.values())
+                self._accumulate(params, _grad([q], params, [dq], retain=True))
 
     def _send_input_grads(self, a: Action, inputs: list, got: list) -> None:
         if a.stage > 0:
@@ -255,132 +278,6 @@ def _grad(outputs: list, inputs: list, grads: list, retain: bool) -> list:
     if not outputs or not inputs:
         return [None] * len(inputs)
     return list(torch.autograd.grad(outputs, inputs, grads, retain_graph=retain, allow_unused=True))
-
-
-# ---- micro-batches and shapes ---------------------------------------------------------------------
-
-def _chunk(t: Any, m: int, i: int, what: str) -> Any:
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
-        return t
-    if t.shape[0] % m:
-        raise InputError(f"{what}: batch of {t.shape[0]} does not divide into {m} micro-batches; use a batch that "
-                         f"is a multiple of {m}, or another micro-batch count")
-    b = t.shape[0] // m
-    return t[i * b:(i + 1) * b]
-
-
-def split_microbatches(flat: list, m: int, program: Program) -> list[list]:
-    """The flat user inputs cut into m micro-batches along dim 0 (non-tensors repeated)."""
-    names = [n.meta["meshc_name"] for n in program.placeholders("user")]
-    return [[_chunk(t, m, i, f"input {name}") for t, name in zip(flat, names)] for i in range(m)]
-
-
-def shape_binding(program: Program, mb_inputs: list) -> dict:
-    """Size symbol -> value, from the captured inputs' symbolic shapes and one micro-batch's inputs."""
-    binding = {}
-    for node, value in zip(program.placeholders("user"), mb_inputs):
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            continue
-        for d, size in enumerate(val.shape):
-            if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                binding[size.node.expr] = value.shape[d]
-            elif isinstance(size, int) and size != value.shape[d]:
-                raise InputError(f"input {node.meta['meshc_name']} dim {d} was captured static with size {size} "
-                                 f"but a micro-batch has {value.shape[d]}; capture with dynamic_shapes='auto' "
-                                 f"(meshc.compile's default) or with example inputs of one micro-batch")
-    return binding
-
-
-def concrete_shape(val: torch.Tensor, binding: dict) -> list[int]:
-    out = []
-    for size in val.shape:
-        if isinstance(size, torch.SymInt):
-            expr = sympy.sympify(sympy.sympify(size.node.expr).xreplace(binding))
-            if expr.free_symbols:
-                raise MeshError(f"cannot size a pipeline receive buffer: {size} has unbound symbols "
-                                f"{sorted(map(str, expr.free_symbols))}")
-            size = int(expr)
-        out.append(int(size))
-    return out
-
-
-# ---- point-to-point ---------------------------------------------------------------------------------
-
-class _Exchange:
-    """Activations ('act', s, mb: into stage s) and gradients ('grad', s, mb: into stage s, from s+1).
-    Between stages on the same rank, values are handed over (detached) without communication."""
-
-    def __init__(self, model: PipelineModel, binding: dict):
-        self.model, self.binding = model, binding
-        self.me = model.program.rank
-        self.m = model.schedule.microbatches
-        self.width = 1 + max([len(s.recv) for s in model.split.stages] + [1])
-        self.posted: dict[tuple, tuple[list, list]] = {}
-        self.box: dict[tuple, list] = {}
-        self.sends: list = []
-        self.waited = 0.0
-        self.timeout = datetime.timedelta(seconds=model.timeout) if model.timeout else None
-
-    def _specs(self, kind: str, stage: int) -> list[Boundary]:
-        st = self.model.split.stages[stage]
-        return st.recv if kind == "act" else [b for b in st.send if b.requires_grad]
-
-    def _peer(self, kind: str, stage: int) -> int:
-        """Global rank of the sender of a value entering `stage`."""
-        src = stage - 1 if kind == "act" else stage + 1
-        return self.model._global_rank(self.model.schedule.stage_rank(src))
-
-    def _tag(self, kind: str, stage: int, mb: int, i: int) -> int:
-        return (((stage * self.m + mb) * 2 + (kind == "grad")) * self.width) + i
-
-    def prefetch(self, a: Action) -> None:
-        if a.op == "F" and a.stage > 0:
-            self._post("act", a.stage, a.mb)
-        elif a.op in ("B", "I") and a.stage < self.model.last:
-            self._post("grad", a.stage, a.mb)
-
-    def _post(self, kind: str, stage: int, mb: int) -> None:
-        key = (kind, stage, mb)
-        peer = self._peer(kind, stage)
-        if key in self.posted or peer == self.me:
-            return
-        bufs = [torch.empty(concrete_shape(b.val, self.binding), dtype=b.val.dtype)
-                if isinstance(b.val, torch.Tensor) else torch.empty(1, dtype=torch.int64)
-                for b in self._specs(kind, stage)]
-        ops = [dist.P2POp(dist.irecv, t, peer, tag=self._tag(kind, stage, mb, i)) for i, t in enumerate(bufs)]
-        self.posted[key] = (bufs, dist.batch_isend_irecv(ops) if ops else [])
-
-    def take(self, kind: str, stage: int, mb: int) -> list:
-        key = (kind, stage, mb)
-        if self._peer(kind, stage) == self.me:
-            return self.box.pop(key)
-        self._post(kind, stage, mb)
-        bufs, works = self.posted.pop(key)
-        t0 = time.perf_counter()
-        for w in works:
-            w.wait(self.timeout) if self.timeout else w.wait()
-        self.waited += time.perf_counter() - t0
-        return [t if isinstance(b.val, torch.Tensor) else int(t.item()) for b, t in zip(self._specs(kind, stage), bufs)]
-
-    def send(self, kind: str, stage: int, mb: int, values: list) -> None:
-        """Send the values entering `stage` (activations: all of stage-1's outputs; gradients: one per
-        requires-grad boundary value)."""
-        dst = self.model._global_rank(self.model.schedule.stage_rank(stage))
-        if dst == self.me:
-            self.box[kind, stage, mb] = [v.detach() if isinstance(v, torch.Tensor) else v for v in values]
-            return
-        tensors = [v.detach().contiguous() if isinstance(v, torch.Tensor) else torch.tensor([int(v)])
-                   for v in values]
-        ops = [dist.P2POp(dist.isend, t, dst, tag=self._tag(kind, stage, mb, i)) for i, t in enumerate(tensors)]
-        if ops:
-            self.sends.append((tensors, dist.batch_isend_irecv(ops)))
-
-    def finish(self) -> None:
-        for _, works in self.sends:
-            for w in works:
-                w.wait(self.timeout) if self.timeout else w.wait()
-        self.sends.clear()
 
 
 def pipeline_model(program: Program, device_mesh: Any, schedule: Schedule, timeout: float | None = None

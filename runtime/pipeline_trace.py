@@ -3,8 +3,8 @@
 Entry points: `chrome_trace(traces) -> dict` (write it with `json.dump`; open in ui.perfetto.dev
 or chrome://tracing), `idle_fractions(traces) -> list[float]`, `report(schedule, traces,
 predicted_stage_s=None) -> str`, and `run_schedule(model, mesh, schedule, microbatches, ...)`
-(what `meshc schedule MODEL --run` does: compile on a local mesh, run training steps, return
-every rank's trace and the report).
+(compile on a local mesh, run steps, return every rank's trace and the report) and `cli_run(args,
+schedule)` (what `meshc schedule --run MODEL` calls: run, write the trace file, print the report).
 
 A trace is one rank's `PipelineModel.last_trace`: per action its op, stage, micro-batch, start and
 end (`time.perf_counter()`, one monotonic clock for every process of a machine) and `wait`, the
@@ -118,11 +118,14 @@ def _run_rank(device_mesh, model: str, schedule: str, microbatches: int, virtual
     from meshc.models import load_model
 
     torch.set_num_threads(1)
-    loaded = load_model(model, batch=batch, seq=seq)
+    loaded = load_model(model, batch=batch // microbatches, seq=seq)  # captured (and costed) as one micro-batch
     pipe = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
                          example_kwargs=loaded.example_kwargs, schedule=schedule, microbatches=microbatches,
                          virtual=virtual)
-    out = loaded.model(*loaded.example_inputs, **loaded.example_kwargs)
+    inputs = tuple(torch.cat([t] * microbatches) if isinstance(t, torch.Tensor) and t.dim() else t
+                   for t in loaded.example_inputs)
+    with torch.no_grad():
+        out = loaded.model(*inputs, **loaded.example_kwargs)
     logits = out.logits if hasattr(out, "logits") else out
     target = torch.randint(0, max(2, logits.shape[-1]), logits.shape[:-1], generator=torch.Generator().manual_seed(0))
 
@@ -132,5 +135,28 @@ def _run_rank(device_mesh, model: str, schedule: str, microbatches: int, virtual
 
     for _ in range(steps):
         torch.distributed.barrier()
-        pipe.train_step(loaded.example_inputs, target, loss_fn, loaded.example_kwargs)
+        if pipe.schedule.training:
+            pipe.train_step(inputs, target, loss_fn, loaded.example_kwargs)
+        else:
+            pipe(*inputs, **loaded.example_kwargs)
     return pipe.last_trace, predicted_stage_seconds(pipe.program)
+
+
+def cli_run(args: Any, schedule: Schedule) -> int:
+    """`meshc schedule --pp P ... --run MODEL [--trace FILE --batch B --seq S --timeout T]`."""
+    import json
+
+    from meshc.errors import InputError
+
+    if args.batch % schedule.microbatches:
+        raise InputError(f"--batch {args.batch} does not divide into {schedule.microbatches} micro-batches; "
+                         f"use a multiple of {schedule.microbatches}")
+    print(f"\nrunning {args.run} on a local mesh 'pp={schedule.pp}' ({schedule.pp} processes), batch {args.batch} "
+          f"x seq {args.seq}, {schedule.microbatches} micro-batches ...", flush=True)
+    result = run_schedule(args.run, f"pp={schedule.pp}", schedule.name, schedule.microbatches, schedule.virtual,
+                          steps=3, batch=args.batch, seq=args.seq, timeout=args.timeout)
+    with open(args.trace, "w") as f:
+        json.dump(result["chrome"], f)
+    print(f"\nmeasured (last of 3 steps) vs predicted, per stage:\n{result['report']}")
+    print(f"\ntrace of every action on every rank: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0

@@ -160,7 +160,7 @@ class Body:
 # ---- names and provenance ----------------------------------------------------------------------
 _PATTERNS = [  # (label, ops it consumes): the first pattern whose ops are all present names the kernel
     ("rmsnorm", Counter({"pow": 1, "mean": 1, "add": 1, "rsqrt": 1, "mul": 1})),
-    ("gelu", Counter({"mul": 3, "pow": 1, "add": 2, "tanh": 1})),
+    ("gelu", Counter({"mul": 4, "pow": 1, "add": 2, "tanh": 1})),  # GPT-2's tanh GELU, spelled out
 ]
 
 

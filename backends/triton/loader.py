@@ -22,23 +22,28 @@ from pathlib import Path
 
 from meshc.errors import MeshcError
 
-#: every kernel file starts with this. The reductions' combine functions are defined here rather
-#: than using `tl.sum` / `tl.max`: those are @jit functions of Triton's standard library, decorated
-#: when `triton` is first imported, so in a process that imported Triton before TRITON_INTERPRET
-#: was set, an interpreted kernel calling them fails ("Cannot call @triton.jit'd outside of the
-#: scope of a kernel", Triton 3.9). Generated kernels call only builtins and functions of their file.
+#: every kernel file starts with this. Kernels reduce with `tl.reduce(x, 1, _sum_combine)` instead of
+#: `tl.sum`: Triton's `tl.sum` / `tl.max` / `tl.zeros` are @jit library functions, decorated when
+#: `triton` is first imported, so in a process that imported Triton before TRITON_INTERPRET was set,
+#: an interpreted kernel calling them fails ("Cannot call @triton.jit'd outside of the scope of a
+#: kernel", Triton 3.9). The combine functions are Triton's own where it has them: the interpreter
+#: reduces with numpy for exactly those objects (any other combine function runs element by element).
 PRELUDE = """import triton
 import triton.language as tl
 
 
 @triton.jit
-def _sum_combine(a, b):
+def _add(a, b):
     return a + b
 
 
 @triton.jit
-def _max_combine(a, b):
+def _maximum(a, b):
     return tl.maximum(a, b)
+
+
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)
+_max_combine = getattr(tl.standard, "_elementwise_max", _maximum)
 
 
 """

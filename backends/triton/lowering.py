@@ -60,9 +60,14 @@ class LoweredProgram:
                 f"with a reason; running on the {mode}")
 
 
-def _launcher_fn(name: str, launch: Callable) -> Callable:
+def _launcher_fn(name: str, launch: Callable, interpret: bool) -> Callable:
     def fn(*args):
-        return launch(*args)
+        if not interpret:
+            return launch(*args)
+        import numpy  # the interpreter's array library
+
+        with numpy.errstate(all="ignore"):  # masked-off lanes compute garbage (exp overflow, 0/0), never stored
+            return launch(*args)
 
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = "kernels"
@@ -95,7 +100,7 @@ def lower_program(program: Program, interpret: bool, load: Callable = load_kerne
             for n in region.nodes:
                 fallbacks.append((n.name, f"{region.kind} kernel not generated: {type(e).__name__}: {e}"))
             continue
-        built[id(region)] = (region, _launcher_fn(name, make_launcher(kernel, interpret)), inputs)
+        built[id(region)] = (region, _launcher_fn(name, make_launcher(kernel, interpret), interpret), inputs)
         reads, writes = _region_io(region, inputs)
         kernels.append(Kernel(name, region.kind, [n.name for n in region.nodes],
                               list(dict.fromkeys(s for s in map(source_line, region.nodes) if s)),

@@ -58,7 +58,7 @@ def generate(region: Region, name: str, interpret: bool) -> tuple[str, Callable,
     deco = ["@triton.autotune(configs=[" + ", ".join(
         f"triton.Config({{'BLOCK_M': {m}, 'BLOCK_N': {n}, 'BLOCK_K': {k}}}, num_warps={w}, num_stages={s})"
         for m, n, k, w, s in AUTOTUNE_CONFIGS) + "], key=['M', 'N', 'K'])"] if autotune else []
-    lines = header(name, what, region, body.inputs + operands, body.outputs) + deco + [
+    lines = header(name, what, region, operands + body.inputs, body.outputs) + deco + [
         "@triton.jit",
         f"def {name}({', '.join(params)}):",
         "    pid_m = tl.program_id(0)",

@@ -189,8 +189,9 @@ def classify(node: fx.Node) -> tuple[str | None, str | None]:
                 _pow("x", node.args[1])
             except ValueError as e:
                 return None, str(e)
-        if t is aten._to_copy.default and set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}:
-            return None, f"_to_copy with {sorted(node.kwargs)}"
+        if t is aten._to_copy.default and (set(node.kwargs) - {"dtype", "layout", "device", "memory_format"}
+                                           or _val(node.args[0]).device != _val(node).device):
+            return None, "_to_copy to another device or with options beyond dtype"
         return "pointwise", None
     if t in REDUCTIONS:
         ndim = _val(node.args[0]).dim()

@@ -9,7 +9,9 @@ starts its own:
   last dim reduced ("row");
 - a matmul starts a region whose epilogue takes pointwise nodes of the matmul's output shape
   (bias, activation, SwiGLU gating `silu(a) * b`, residual add);
-- attention (SDPA) is a region of its own.
+- attention (SDPA) is a region of its own;
+- a node that joins one row-wise region and also reads another of the same shape merges the two
+  (GPT-2's GELU: `0.5 * x` and `x ** 3 ...` start apart and meet in the final product).
 
 A join never makes the region graph cyclic (checked on the graph of regions), so the lowered
 graph can place each region's kernel where all its inputs exist. Collectives, views and anything

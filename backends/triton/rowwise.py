@@ -20,7 +20,6 @@ from .ops import MAX_ROW
 from .regions import Region
 
 
-
 def generate(region: Region, name: str, interpret: bool) -> tuple[str, Callable, list[fx.Node]]:
     body = Body(region)
     if region.shape[-1] != 1 and "full" not in body.input_kinds:
