@@ -14,6 +14,8 @@ meshc backend="triton". Per kernel: each distinct generated kernel (layers repea
 with the same source and input shapes are timed once and counted) vs its own region of ATen ops
 run eagerly and under torch.compile. Times are medians (`triton.testing.do_bench`); figures
 of merit are ratios within one run. Writes benchmarks/results_triton_vs_<device>.json.
+Most of the run time is torch.compile's max-autotune; `--phases decode` or `--phases prefill`
+splits the run (each writes its own JSON; pass `--out`).
 """
 
 from __future__ import annotations
@@ -156,25 +158,28 @@ def run_phase(model, phase: str, batch: int, seq: int, args, device: str) -> dic
 
     ids = torch.randint(0, args.vocab, (batch, seq), device=device, generator=None)
     kw = {"use_cache": False}
-    contenders = {"eager": model}
     t0 = time.perf_counter()
     compiled = meshc.compile(model, example_inputs=(ids,), example_kwargs=kw, backend="triton", dynamic_shapes=None)
     compile_s = {"meshc_triton": time.perf_counter() - t0}
-    if not args.smoke:
-        contenders["torch_compile_default"] = torch.compile(model)
-        contenders["torch_compile_max_autotune_no_cudagraphs"] = torch.compile(
-            model, mode="max-autotune-no-cudagraphs")
-    contenders["meshc_triton"] = compiled
-    result = {"phase": phase, "batch": batch, "seq": seq, "forward_ms": {}, "compile_s": compile_s}
+    contenders = {"eager": lambda: model, "meshc_triton": lambda: compiled}
+    if not args.smoke:  # each torch.compile starts from a reset dynamo cache: no reuse across modes/phases
+        contenders["torch_compile_default"] = lambda: torch.compile(model, dynamic=False)
+        contenders["torch_compile_max_autotune_no_cudagraphs"] = lambda: torch.compile(
+            model, mode="max-autotune-no-cudagraphs", dynamic=False)
+    result = {"phase": phase, "batch": batch, "seq": seq, "forward_ms": {}, "compile_s": compile_s,
+              "max_abs_error_vs_eager": {}}
     with torch.no_grad():
         ref = model(ids, **kw).logits.float()
-        for name, fn in contenders.items():
+        for name, make in contenders.items():
+            if name.startswith("torch_compile"):
+                torch._dynamo.reset()
+            fn = make()
             t0 = time.perf_counter()
-            out = fn(ids, **kw).logits.float()  # first call compiles torch.compile
+            out = fn(ids, **kw).logits.float()  # the first call compiles torch.compile
             if name.startswith("torch_compile"):
                 compile_s[name] = time.perf_counter() - t0
-            result.setdefault("max_abs_error_vs_eager", {})[name] = (out - ref).abs().max().item()
-            result["forward_ms"][name] = bench_ms(lambda fn=fn: fn(ids, **kw), args.smoke)
+            result["max_abs_error_vs_eager"][name] = (out - ref).abs().max().item()
+            result["forward_ms"][name] = bench_ms(partial(fn, ids, **kw), args.smoke)
     f = result["forward_ms"]
     for name in f:
         if name.startswith("torch_compile"):
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prefill", type=int, default=2048, help="prefill tokens (batch 1)")
+    p.add_argument("--phases", default="decode,prefill", help="which phases to run (each writes into the JSON)")
     p.add_argument("--smoke", action="store_true", help="CPU check of this script: tiny model, interpreter, no JSON")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -214,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
               "model": f"Llama hidden={args.hidden} layers={args.layers} mlp={args.intermediate} "
                        f"heads={args.heads}/{args.kv_heads} vocab={args.vocab}",
               "parameters": n_params, "dtype": str(dtype).removeprefix("torch."),
-              "phases": [run_phase(model, "decode", 1, 1, args, device),
-                         run_phase(model, "prefill", 1, args.prefill, args, device)],
+              "phases": [run_phase(model, phase, 1, {"decode": 1, "prefill": args.prefill}[phase], args, device)
+                         for phase in args.phases.split(",")],
               "machine": platform.machine(), "torch": torch.__version__,
               "command": "python benchmarks/triton_vs.py " + " ".join(argv or [])}
     try:

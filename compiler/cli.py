@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timings", action="store_true", help="also time capture, passes, lowering and the first call")
     s.add_argument("--check", action="store_true",
                    help="verify every pass (lint, shapes, numerics) and compare with eager at two sequence lengths")
+    s.add_argument("--backend", default="auto", choices=["auto", "aten", "triton"],
+                   help="auto (Triton on CUDA, else ATen), aten, or triton (the interpreter on CPU)")
     s.set_defaults(func=cmd_compile)
 
     s = sub.add_parser("run", help="run a model on a local CPU/GPU mesh and compare with eager", epilog=EPILOG)
@@ -184,7 +186,8 @@ def cmd_compile(args) -> int:
     t0 = time.perf_counter()
     compiled = meshc.compile(loaded.model, spec, example_inputs=loaded.example_inputs,
                              example_kwargs=loaded.example_kwargs, pipeline=pipeline,
-                             dynamic_shapes=None if args.static else "auto", instruments=instruments)
+                             dynamic_shapes=None if args.static else "auto", instruments=instruments,
+                             backend=args.backend)
     t_compile = time.perf_counter() - t0
     print(f"\n{compiled.report}\n")
     with torch.no_grad():

@@ -20,7 +20,7 @@ Training: the last stage applies `loss_fn(output, target)` per micro-batch, scal
 single-process gradient accumulation over the micro-batches. B is one `autograd.grad` over the
 stage's inputs and weights. Zero-bubble's I asks for the input gradients and for the gradient dq
 of every weight-reading node's output (graph kept); W is then each reader's local vjp
-dq -> dweight (`pipeline_stages.with_weight_outputs`; where that is not exact, W differentiates
+dq -> dweight (formulas in `pipeline_weight_grads`; where that is not exact, W differentiates
 the whole stage w.r.t. the weights again). Gradients of a step are collected,
 summed over tp for replicated parameters and over pp ranks for tensors several stages read (tied
 weights), then added to `.grad` of the local parameters (`local_parameters()`).
@@ -42,12 +42,8 @@ import torch.utils._pytree as pytree
 from meshc.errors import MeshError, ScheduleError
 from meshc.program import Program
 from meshc.runtime.pipeline_p2p import Exchange, microbatch, shape_binding, split_microbatches
-from meshc.runtime.pipeline_stages import (
-    differentiable_collectives,
-    split_stages,
-    trainable,
-    with_weight_outputs,
-)
+from meshc.runtime.pipeline_stages import differentiable_collectives, split_stages, trainable
+from meshc.runtime.pipeline_weight_grads import weight_grads, with_weight_outputs
 from meshc.runtime.schedules import Action, Schedule
 
 
@@ -159,9 +155,13 @@ class PipelineModel(torch.nn.Module):
         args = [*recv, *(self._state[n] for n in st.state), *(self._mbs[a.mb][i] for i in st.user)]
         readers = self._weight_readers.get(a.stage) if training else None
         with torch.set_grad_enabled(training):
-            out = list((readers[0] if readers else st.gm)(*args))
-            qs = out[len(out) - len(readers[1]):] if readers else []  # outputs of the weights' readers
-            out = out[:len(out) - len(qs)]
+            out = list((readers.gm if readers else st.gm)(*args))
+            qs = []  # with weight readers: their outputs, then their arguments (saved for W)
+            if readers:
+                cut = len(out) - len(readers.readers) - readers.num_argvals
+                qs = [*out[cut:cut + len(readers.readers)],
+                      [v.detach() if isinstance(v, torch.Tensor) else v for v in out[cut + len(readers.readers):]]]
+                out = out[:cut]
             if a.stage < self.last:
                 self._ex.send("act", a.stage + 1, a.mb, out)
                 if training:
@@ -192,23 +192,31 @@ class PipelineModel(torch.nn.Module):
 
     def _run_I(self, a: Action) -> None:
         """Input gradients (sent at once) and, with weight readers, their outputs' gradients dq."""
-        inputs, outs, grads, qs = self._backward_args(a)
+        inputs, outs, grads, saved = self._backward_args(a)
+        qs = saved[:-1]
         got = _grad(outs, inputs + qs, grads, retain=True)
         self._send_input_grads(a, inputs, got[:len(inputs)])
-        self._ctx[a.stage, a.mb] = (qs, got[len(inputs):]) if self._weight_readers.get(a.stage) else (outs, grads)
+        self._ctx[a.stage, a.mb] = (saved, got[len(inputs):]) if saved else (outs, grads)
 
     def _run_W(self, a: Action) -> None:
-        """Weight gradients: each reader's local vjp dq -> dweight, or (no readers) the whole stage again."""
+        """Weight gradients: per reader the formula dq -> dweight (autograd on that reader if there is
+        none), or, without readers, the whole stage again."""
         outs, grads = self._ctx.pop((a.stage, a.mb))
         readers = self._weight_readers.get(a.stage)
         if readers is None:
             params = self._stage_params(a.stage)
             self._accumulate(params, _grad(outs, params, grads, retain=False))
             return
-        for q, dq, names in zip(outs, grads, readers[1]):
-            if dq is not None and q.requires_grad:
-                params = list({id(t): t for t in (self.params[n] for n in names)}.values())
-                self._accumulate(params, _grad([q], params, [dq], retain=True))
+        argvals = outs[-1]
+        for reader, q, dq in zip(readers.readers, outs[:-1], grads):
+            if dq is None:
+                continue
+            by_name = weight_grads(reader, argvals, dq)
+            if by_name is None:
+                names = [n for _, n in reader.weights]
+                by_name = dict(zip(names, _grad([q], [self.params[n] for n in names], [dq], retain=True)))
+            for name, g in by_name.items():
+                self._accumulate([self.params[name]], [g])
 
     def _send_input_grads(self, a: Action, inputs: list, got: list) -> None:
         if a.stage > 0:

@@ -18,7 +18,11 @@ Nodes without a stage (e.g. collectives a later pass inserted) take the latest s
 inputs, or if they have none, the earliest stage of their users; `getitem` of a multi-output node
 stays with its producer. A node that reads a value from a later stage is an error naming it.
 
-Never imports a pass, never touches a process group: it reads the graph and copies nodes.
+Also here: `differentiable_collectives(gm)`, the stage graph of a tp-partitioned Program with each
+functional collective replaced by an autograd Function whose backward is its adjoint (see below).
+
+Never imports a pass, never creates or chooses a process group: it reads the graph and copies
+nodes (the collectives keep the group names `prepare_rank` bound).
 """
 
 from __future__ import annotations
@@ -177,30 +181,6 @@ def _stage_graph(program: Program, s: int, body: list[fx.Node], recv: list[Bound
                       [a.name for a in outputs])
 
 
-
-def with_weight_outputs(st: StageGraph, trainable_names: set[str]) -> tuple[fx.GraphModule, list[list[str]]] | None:
-    """For zero-bubble's split backward: a copy of the stage graph that also returns the output q of
-    every node reading a trainable weight, and per q the weights it reads. I then asks autograd for
-    dq along with the input gradients, and W is only the local vjp of those nodes (dq -> dweight),
-    not a second pass over the stage. None (W differentiates the whole stage again) when a weight
-    has several readers in the stage or a reader has several outputs: there the local vjp would not
-    be the weight's whole gradient."""
-    graph = fx.Graph()
-    out = graph.graph_copy(st.gm.graph, {})
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    readers: dict[fx.Node, list[str]] = {}
-    for k, name in enumerate(st.state):
-        if name not in trainable_names:
-            continue
-        ph = phs[len(st.recv) + k]
-        if len(ph.users) != 1:
-            return None
-        reader = next(iter(ph.users))
-        if not isinstance(reader.meta.get("val"), torch.Tensor):
-            return None
-        readers.setdefault(reader, []).append(name)
-    graph.output((*out, *readers))
-    return fx.GraphModule(st.gm, graph), list(readers.values())
 
 # ---- tensor-parallel collectives inside a stage, made differentiable -----------------------------
 # A stage of a tp-partitioned Program holds `_c10d_functional` collectives, which have no autograd.

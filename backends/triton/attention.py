@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from . import ops
 from .codegen import header, next_pow2
-from .regions import Region, sym_shape
+from .regions import Region, repeat_kv_source, sym_shape
 
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
@@ -34,6 +34,7 @@ def generate(region: Region, name: str, interpret: bool) -> tuple[str, Callable,
     node = region.anchor
     a = _sdpa_args(node)
     q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    k, v = ((repeat_kv_source(x) or (x,))[0] for x in (k, v))  # GQA: read the un-repeated heads
     if sym_shape(k)[-1] != sym_shape(v)[-1]:
         raise ValueError("key and value head dims differ")
     causal = bool(a.get("is_causal", False))

@@ -5,7 +5,9 @@ inputs (like every backend's result) that also carries the kernels (`.kernels`, 
 name, FX nodes, source lines and source text), the ATen fallbacks with reasons (`.fallbacks`)
 and the lowered graph (`.gm`, printable: each region is one `call_function` to its kernel's
 launcher). A region whose kernel cannot be generated stays ATen and its reason is recorded;
-collectives, views and other ops are copied as they are. The input Program is never mutated.
+collectives, views and other ops are copied as they are, except that `view` becomes `reshape`
+(a kernel writes contiguous outputs where eager's layout may differ, e.g. SDPA's; the graph is
+functional, so a copy instead of an alias changes nothing). The input Program is never mutated.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from .regions import Region, select_regions
 #: region kind -> template: generate(region, name, interpret) -> (source, launcher factory, input nodes)
 TEMPLATES = {"pointwise": rowwise.generate, "reduction": rowwise.generate,
              "matmul": matmul.generate, "attention": attention.generate}
+
+#: side-effect-free ATen ops removed when a kernel no longer needs their result
+DEAD_IF_UNUSED = {torch.ops.aten.clone.default, torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default,
+                  torch.ops.aten.slice.Tensor, torch.ops.aten.reshape.default}
 
 #: views are lowered as reshapes: a kernel's output is contiguous where eager's may be strided
 RESHAPE_FOR = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
@@ -159,4 +165,7 @@ def _rebuild(graph: fx.Graph, region_of: dict, built: dict) -> fx.Graph:
                 heapq.heappush(heap, (key[v], tie, v))
     if done < len(members):
         raise RuntimeError("internal error: the region graph has a cycle")
+    for node in reversed(list(new.nodes)):  # copies a kernel made unnecessary (GQA's repeated K/V)
+        if not node.users and node.op == "call_function" and node.target in DEAD_IF_UNUSED:
+            new.erase_node(node)
     return new

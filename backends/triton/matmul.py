@@ -24,7 +24,8 @@ aten = torch.ops.aten
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried by triton.autotune on a GPU
 AUTOTUNE_CONFIGS = [(128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-                    (128, 256, 64, 8, 3), (32, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 8, 3)]
+                    (128, 256, 64, 8, 3), (32, 64, 64, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 8, 3),
+                    (16, 32, 256, 2, 4)]  # the last ones for decode (M = 1): more column tiles in flight
 
 
 def _operands(node: fx.Node) -> tuple[list[fx.Node], fx.Node | None]:
@@ -52,7 +53,7 @@ def generate(region: Region, name: str, interpret: bool) -> tuple[str, Callable,
     bias_args = [f"bias_s{d}" for d in range(nd)] if bias is not None else []
     params = ["a", "b", *(["bias"] if bias is not None else []), *body.args(), *bias_args,
               "M", "N", "K", "sa_b", "sa_m", "sa_k", "sb_b", "sb_k", "sb_n", *[f"size{d}" for d in range(1, nd - 1)],
-              "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
+              "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr", "GROUP_M: tl.constexpr"]
     epilogue = [n.name for n in region.nodes[1:]]
     what = f"matmul ({mm.target}) with epilogue [{', '.join(epilogue)}]" if epilogue else f"matmul ({mm.target})"
     deco = ["@triton.autotune(configs=[" + ", ".join(
@@ -61,8 +62,14 @@ def generate(region: Region, name: str, interpret: bool) -> tuple[str, Callable,
     lines = header(name, what, region, operands + body.inputs, body.outputs) + deco + [
         "@triton.jit",
         f"def {name}({', '.join(params)}):",
-        "    pid_m = tl.program_id(0)",
-        "    pid_n = tl.program_id(1)",
+        "    # grouped tile order: GROUP_M row-tiles share each column of B while it is in L2",
+        "    n_tiles_m = (M + BLOCK_M - 1) // BLOCK_M",
+        "    n_tiles_n = (N + BLOCK_N - 1) // BLOCK_N",
+        "    pid = tl.program_id(0)",
+        "    first_m = (pid // (GROUP_M * n_tiles_n)) * GROUP_M",
+        "    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)",
+        "    pid_m = first_m + (pid % (GROUP_M * n_tiles_n)) % group_m",
+        "    pid_n = (pid % (GROUP_M * n_tiles_n)) // group_m",
         "    pid_b = tl.program_id(2)",
         "    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
         "    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
@@ -126,9 +133,10 @@ def _launcher(kernel, mm: fx.Node, body: Body, has_bias: bool, autotune: bool) -
         if not autotune:
             bm, bn, bk = (max(16, min(next_pow2(x), cap)) for x, cap in ((m, 64), (n, 128), (k, 128)))
             extra = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4}
+        extra["GROUP_M"] = 8
 
         def grid(meta):
-            return (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]), batch)
+            return ((-(-m // meta["BLOCK_M"])) * (-(-n // meta["BLOCK_N"])), 1, batch)
 
         kernel[grid](a, b, *([bias] if has_bias else []), *epi, *outs, *strides, m, n, k, *sa, *sb, *f[1:-1], **extra)
         return outs[0] if len(outs) == 1 else tuple(outs)

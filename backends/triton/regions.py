@@ -9,7 +9,8 @@ starts its own:
   last dim reduced ("row");
 - a matmul starts a region whose epilogue takes pointwise nodes of the matmul's output shape
   (bias, activation, SwiGLU gating `silu(a) * b`, residual add);
-- attention (SDPA) is a region of its own;
+- attention (SDPA) is a region of its own; a K/V that is grouped-query attention's repeated copy
+  (`repeat_kv_source`) is read un-repeated, and its copy is left out;
 - a node that joins one row-wise region and also reads another of the same shape merges the two
   (GPT-2's GELU: `0.5 * x` and `x ** 3 ...` start apart and meet in the final product).
 
@@ -114,13 +115,14 @@ def _shape_fits(region: Region, node: fx.Node, kind: str) -> bool:
 class _RegionGraph:
     """Cycle check on the graph whose units are regions and single nodes."""
 
-    def __init__(self, region_of: dict[fx.Node, Region]):
-        self.region_of = region_of
+    def __init__(self, region_of: dict[fx.Node, Region], order: dict[fx.Node, int]):
+        self.region_of, self.order = region_of, order
 
     def depends_on(self, node: fx.Node, region: Region) -> bool:
         """Does `node` (outside `region`) transitively need a member of `region`?"""
         stack, seen = [node], set()
         members = set(region.nodes)
+        first = min(self.order[m] for m in members)
         while stack:
             n = stack.pop()
             if n in seen:
@@ -129,6 +131,8 @@ class _RegionGraph:
             if n in members:
                 return True
             unit = self.region_of.get(n)
+            if unit is None and self.order[n] < first:
+                continue  # a single node before the region's first member cannot need it
             stack.extend(a for m in (unit.nodes if unit else [n]) for a in m.all_input_nodes)
         return False
 
@@ -159,13 +163,48 @@ def _can_merge(region: Region, other: Region, graph: _RegionGraph) -> bool:
     return True
 
 
+def _is_noop_slice(node: fx.Node) -> bool:
+    if node.target is not torch.ops.aten.slice.Tensor or len(node.args) < 4:
+        return False
+    return node.args[2] in (0, None) and isinstance(node.args[3], int) and node.args[3] >= 2**62
+
+
+def repeat_kv_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """If `node` is grouped-query attention's repeated K or V — `x[:, :, None].expand(b, h, g, s, d)`
+    copied and viewed as `[b, h*g, s, d]` (Hugging Face's `repeat_kv`) — return `(x, chain)`: the
+    attention kernel reads x with head h // g instead, and the copy (chain) is not needed."""
+    chain, n = [], node
+    steps = [({torch.ops.aten._unsafe_view.default, torch.ops.aten.view.default, torch.ops.aten.reshape.default},),
+             ({torch.ops.aten.clone.default},), ({torch.ops.aten.expand.default},)]
+    for (targets,) in steps:
+        if n.op != "call_function" or n.target not in targets or len(n.users) != 1:
+            return None
+        chain.append(n)
+        n = n.args[0]
+        while isinstance(n, fx.Node) and _is_noop_slice(n) and len(n.users) == 1:
+            chain.append(n)
+            n = n.args[0]
+    if not isinstance(n, fx.Node) or n.target is not torch.ops.aten.unsqueeze.default or n.args[1] != 2:
+        return None
+    chain.append(n)
+    base = n.args[0]
+    while isinstance(base, fx.Node) and _is_noop_slice(base):
+        base = base.args[0]
+    shape = sym_shape(base) if isinstance(base, fx.Node) else None
+    return (base, chain) if shape is not None and len(shape) == 4 else None
+
+
 def select_regions(graph: fx.Graph) -> Selection:
     regions: list[Region] = []
     region_of: dict[fx.Node, Region] = {}
     fallbacks: list[tuple[fx.Node, str]] = []
-    rgraph = _RegionGraph(region_of)
     order = {n: i for i, n in enumerate(graph.nodes)}
+    rgraph = _RegionGraph(region_of, order)
+    absorbed = {c for n in graph.nodes if n.target in ops.ATTENTION_OPS for kv in n.args[1:3]
+                if isinstance(kv, fx.Node) and (found := repeat_kv_source(kv)) for c in found[1]}
     for node in graph.nodes:
+        if node in absorbed:
+            continue  # a repeated K/V copy the attention kernel does not need
         kind, reason = ops.classify(node)
         if kind is None:
             if reason:

@@ -23,6 +23,10 @@ def test_whole_model_equals_eager_at_several_sizes(name):
     assert "Triton interpreter" in compiled.report and "not fast" in compiled.report
     kinds = {k.kind for k in compiled._run_flat.kernels}
     assert kinds == {"pointwise", "reduction", "matmul", "attention"}, kinds
+    if name == "llama-tiny":  # GQA: attention reads the 4 K/V heads, the repeat_kv copies are gone
+        attention = next(k for k in compiled._run_flat.kernels if k.kind == "attention")
+        assert ", 4, s" in attention.reads[1], attention.reads
+        assert not any(n.target is torch.ops.aten.clone.default for n in compiled._run_flat.gm.graph.nodes)
     with torch.no_grad():
         for batch, seq in ((2, 8), (2, 5), (3, 11)):  # one compile (dynamic batch and sequence)
             inputs = loaded.inputs_at(batch, seq)
@@ -97,3 +101,13 @@ def test_sharded_tp2_program_lowers_to_triton_and_equals_eager():
     for err, backend, lowered_collectives, program_collectives in results:
         assert backend == "triton" and lowered_collectives == program_collectives > 0  # collectives stay ATen
         assert err <= 1e-5, results
+
+
+@pytest.mark.timeout(120)
+def test_cli_compile_with_the_triton_backend_checks_against_eager(capsys):
+    from meshc.cli import main
+
+    assert main(["compile", "mlp", "--backend", "triton", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "lowering to triton" in out and "Triton interpreter" in out
+    assert out.count("check vs eager") == 2 and "FAILED" not in out
