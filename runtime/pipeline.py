@@ -25,6 +25,10 @@ the whole stage w.r.t. the weights again). Gradients of a step are collected,
 summed over tp for replicated parameters and over pp ranks for tensors several stages read (tied
 weights), then added to `.grad` of the local parameters (`local_parameters()`).
 
+`pipeline_model(program, device_mesh, schedule)` is what `meshc.compile` returns on a pp mesh; it
+keeps in `program.state` only the tensors this rank's stages read, so `meshc.load_checkpoint`
+loads only those into a model captured on 'meta'.
+
 Never imports a pass, never builds or changes a schedule (an invalid one fails in
 `build_schedule`, before any process waits), never waits without a timeout.
 """
@@ -96,6 +100,10 @@ class PipelineModel(torch.nn.Module):
                 if trainable(nodes[name]):
                     params[name] = state[name]
         return state, params
+
+    def rebind(self) -> None:
+        """Take the tensors again from `program.state` (after `meshc.load_checkpoint`)."""
+        self._state, self.params = self._local_state()
 
     def local_parameters(self) -> dict[str, torch.Tensor]:
         """This rank's trainable tensors by the model's FQN (tied weights under each name)."""
@@ -304,4 +312,9 @@ def pipeline_model(program: Program, device_mesh: Any, schedule: Schedule, timeo
     if len(set(everyone)) > 1:
         raise MeshError(f"ranks assigned different pipeline stages (stage hashes per rank: {everyone}); every rank "
                         f"must compile the same model, inputs, mesh and pipeline")
-    return PipelineModel(program, schedule, device_mesh, timeout=timeout)
+    pipe = PipelineModel(program, schedule, device_mesh, timeout=timeout)
+    # keep only what this rank's stages read (and shared weights, whose gradients it sums): the
+    # rest is released here, and `meshc.load_checkpoint(pipe, folder)` reads only these tensors
+    keep = set(pipe._state) | {n for group in pipe.split.shared_state for n in group}
+    pipe.program = dataclasses.replace(program, state={k: v for k, v in program.state.items() if k in keep})
+    return pipe

@@ -40,22 +40,24 @@ def pipelined(device_mesh, program, schedule: str, microbatches: int, virtual: i
     program.rank, program.plan = device_mesh.get_rank(), "megatron"
     tp = "spmd_partition," if program.mesh.dim_size("tp") > 1 else ""
     passes = f"pipeline_partition(virtual={virtual},schedule={schedule},microbatches={microbatches}),{tp}lint"
-    pipe = pipeline_model(meshc.PassManager(passes).run(program), device_mesh, sched)
-    return pipe.program, pipe
+    program = meshc.PassManager(passes).run(program)
+    pipe = pipeline_model(program, device_mesh, sched)  # its program keeps only this rank's state
+    return (program if program.mesh.dim_size("tp") == 1 else pipe.program), pipe
 
 
 def forward_check(device_mesh, loaded, program, schedule, microbatches, virtual, pipe=None):
     """(pipeline == the same graph run in one process on each micro-batch, bit for bit (None under
-    tp, whose all-reduces sum in another order); max error vs eager; same output type as eager)."""
-    program, pipe = (pipe.program, pipe) if pipe else pipelined(device_mesh, program, schedule, microbatches, virtual)
+    tp, whose all-reduces sum in another order; for a compiled pipe, whose program holds only its
+    rank's state, the reference is the eager model); max error vs eager; same output type)."""
+    program, pipe = (None, pipe) if pipe else pipelined(device_mesh, program, schedule, microbatches, virtual)
     ids = loaded.example_inputs[0]
     out = pipe(ids, use_cache=False)
     b = ids.shape[0] // microbatches
     with torch.no_grad():
-        ref = torch.cat([program.run(ids[i * b:(i + 1) * b], use_cache=False).logits for i in range(microbatches)]) \
-            if program.mesh.dim_size("tp") == 1 else None
         eager_outs = [loaded.model(ids[i * b:(i + 1) * b], use_cache=False) for i in range(microbatches)]
         eager = torch.cat([o.logits for o in eager_outs])
+        ref = eager if program is None else None if program.mesh.dim_size("tp") > 1 else \
+            torch.cat([program.run(ids[i * b:(i + 1) * b], use_cache=False).logits for i in range(microbatches)])
     exact = torch.equal(out.logits, ref) if ref is not None else None
     return exact, float((out.logits - eager).abs().max()), type(out) is type(eager_outs[0])
 
@@ -66,6 +68,7 @@ def train_check(device_mesh, loaded, program, schedule, microbatches, virtual, p
     from meshc.placement import local_shard
 
     program, pipe = (pipe.program, pipe) if pipe else pipelined(device_mesh, program, schedule, microbatches, virtual)
+    program = pipe.program  # placements (tp) and names of this rank's tensors
     ids = loaded.example_inputs[0]
     target = torch.randint(0, 512, ids.shape, generator=torch.Generator().manual_seed(7))
     model = loaded.model
@@ -390,3 +393,33 @@ def test_random_configurations_finish_or_fail_validation():
             assert value is True if kind == "ran" else "needs" in value or "virtual" in value, (config, value)
     ran = sum(r[0] == "ran" for r in results[0])
     assert ran >= 30, ran  # most configurations are valid ones (m < p included)
+
+
+def _meta_pipeline_rank(device_mesh, folder: str):
+    import meshc
+    from meshc.runtime.sharded import local_state_bytes
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config.from_pretrained(folder)).eval()
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    pipe = meshc.compile(model, device_mesh, example_inputs=(ids[:2],), example_kwargs={"use_cache": False},
+                         microbatches=2)
+    meshc.load_checkpoint(pipe, folder)  # reads only the tensors this rank's stages use
+    ref = GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        same = torch.equal(pipe(ids, use_cache=False).logits,
+                           torch.cat([ref(ids[i:i + 2], use_cache=False).logits for i in (0, 2)]))
+    full = sum(p.numel() * p.element_size() for p in ref.parameters())
+    return same, local_state_bytes(pipe) / full, any(t.is_meta for t in pipe.program.state.values())
+
+
+@pytest.mark.timeout(300)
+def test_meta_captured_model_loads_only_its_stages(tmp_path):
+    from meshc.models import load_model
+
+    load_model("gpt2-tiny").model.save_pretrained(tmp_path)
+    for same, fraction, still_meta in launch(_meta_pipeline_rank, "pp=2", str(tmp_path), timeout=240):
+        assert same and not still_meta
+        assert fraction < 0.8, fraction  # its stages' layers (+ the tied embedding), not the whole model
