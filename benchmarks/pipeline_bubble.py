@@ -68,7 +68,7 @@ def _rank(device_mesh, unit_s: float, micro: list[int], schedules: list[str], st
     import meshc
     from meshc.runtime.pipeline import PipelineModel
     from meshc.runtime.pipeline_trace import idle_fractions
-    from meshc.runtime.schedules import build_schedule, simulate
+    from meshc.schedules import build_schedule, simulate
 
     _register_ops()
     torch.set_num_threads(1)

@@ -96,7 +96,7 @@ def _rank(device_mesh, hidden, layers, microbatches, mb_size, seq, schedules, st
                            rank == 0, rank == 1)
     out = {"dp_split": dp_split, "schedules": {}}
     for name in schedules:
-        from meshc.runtime.schedules import build_schedule
+        from meshc.schedules import build_schedule
 
         pipe = PipelineModel(program, build_schedule(name, 2, microbatches), device_mesh)
         stage = PipelineStage(stage_mod, rank, 2, torch.device("cpu"))

@@ -354,7 +354,7 @@ def cmd_bisect(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from meshc.runtime.schedules import SCHEDULES, build_schedule, format_table, simulate
+    from meshc.schedules import SCHEDULES, build_schedule, format_table, simulate
 
     m = args.microbatches or 2 * args.pp * args.virtual
     sched = build_schedule(args.schedule, args.pp, m, args.virtual)  # ScheduleError says what to change

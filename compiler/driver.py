@@ -51,14 +51,14 @@ def compile(  # noqa: A001 - the public name is meshc.compile
       a glob dict {'*.q_proj.weight': 'S(0)'}, or a parallelize_module-style dict (see meshc.plan).
       Such a mesh needs one process per device: call compile inside meshc.launch or torchrun.
     schedule, microbatches (0 = 2 x stages), virtual: for a mesh with a 'pp' dim, the pipeline
-      schedule (meshc.runtime.schedules) the returned PipelineModel runs; validated before capture.
+      schedule (meshc.schedules) the returned PipelineModel runs; validated before capture.
     """
     from meshc.runtime.compiled_model import CompiledModel
 
     spec = MeshSpec.parse(mesh)
     sched, stage_options = None, ""
     if (pp := spec.dim_size("pp")) > 1:  # a schedule that cannot work fails here, before any rank waits
-        from meshc.runtime.schedules import build_schedule
+        from meshc.schedules import build_schedule
 
         sched = build_schedule(schedule, pp, microbatches or 2 * pp * virtual, virtual)
         stage_options = f"(virtual={virtual},schedule={schedule},microbatches={sched.microbatches})"

@@ -27,7 +27,7 @@ runtime does), so its bytes count at every cut it crosses.
 Costs are those of the captured example inputs, taken as one micro-batch.
 
 It never runs the model or moves nodes between graphs (the runtime splits by `meshc_stage`), and
-imports from the runtime only the pure schedule tables (`meshc.runtime.schedules`).
+reads the schedule tables from `meshc.schedules` (pure data shared with the runtime).
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def pipeline_partition(program: Program, *, stages: int = 0, virtual: int = 1, s
                        cuts: str = "auto") -> Program:
     """stages: 0 = mesh dim pp x virtual. microbatches: 0 = 2 x stages. memory_cap: bytes per rank
     (0 = none). cuts: auto | residual | narrow | all (where stage boundaries may go)."""
-    from meshc.runtime.schedules import build_schedule, stage_inflight  # pure data, see the docstring
+    from meshc.schedules import build_schedule, stage_inflight  # pure data, see the docstring
 
     if virtual < 1:
         raise MeshcError(f"pipeline_partition: virtual must be >= 1, got {virtual}")

@@ -250,8 +250,8 @@ class _Emitter:
             args[1] = sizes
         elif node.target is aten.split.Tensor:
             src_pl = self.placements[node.args[0]]
-            for p, n in zip(src_pl, self.mesh.sizes):
-                if isinstance(p, InterleavedShard) and isinstance(out_pl, list) and isinstance(out_pl[0][0], Shard):
+            for i, (p, n) in enumerate(zip(src_pl, self.mesh.sizes)):  # out_pl: per output, per mesh dim
+                if isinstance(p, InterleavedShard) and isinstance(out_pl, list) and isinstance(out_pl[0][i], Shard):
                     args[1] = self._div(args[1], n)
         return args
 

@@ -48,7 +48,7 @@ from meshc.program import Program
 from meshc.runtime.pipeline_p2p import Exchange, microbatch, shape_binding, split_microbatches
 from meshc.runtime.pipeline_stages import differentiable_collectives, split_stages, trainable
 from meshc.runtime.pipeline_weight_grads import weight_grads, with_weight_outputs
-from meshc.runtime.schedules import Action, Schedule
+from meshc.schedules import Action, Schedule
 
 
 class PipelineModel(torch.nn.Module):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from meshc.errors import InputError, MeshError
 from meshc.program import Program
 from meshc.runtime.pipeline_stages import Boundary
-from meshc.runtime.schedules import Action
+from meshc.schedules import Action
 
 
 def microbatch(t: Any, m: int, i: int, what: str) -> Any:

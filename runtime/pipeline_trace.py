@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from meshc.runtime.schedules import Schedule, simulate
+from meshc.schedules import Schedule, simulate
 
 
 def _window(traces: list[list[dict]]) -> tuple[float, float]:
@@ -100,7 +100,7 @@ def run_schedule(model: str, mesh: str, schedule: str, microbatches: int, virtua
     last one is traced) and return {'traces', 'chrome', 'report', 'schedule'}."""
     from meshc.mesh import MeshSpec
     from meshc.runtime.launch import launch
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     sched = build_schedule(schedule, MeshSpec.parse(mesh).dim_size("pp"), microbatches, virtual)  # fails first
     results = launch(_run_rank, mesh, model, schedule, microbatches, virtual, steps, batch or 2 * microbatches, seq,

@@ -5,7 +5,7 @@ import types
 
 import pytest
 from meshc.cli import main
-from meshc.runtime.schedules import build_schedule
+from meshc.schedules import build_schedule
 
 pytestmark = pytest.mark.timeout(60)
 

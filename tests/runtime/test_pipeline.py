@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from meshc.runtime import LaunchError, launch
+from meshc.runtime import launch
 
 TRAIN_SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1)]
 
@@ -33,7 +33,7 @@ def pipelined(device_mesh, program, schedule: str, microbatches: int, virtual: i
     """The Program through pipeline_partition (and spmd_partition on a tp dim), and its PipelineModel."""
     import meshc
     from meshc.runtime.pipeline import pipeline_model
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     sched = build_schedule(schedule, program.mesh.dim_size("pp"), microbatches, virtual)
     program = program.clone()
@@ -163,16 +163,9 @@ def test_pp4_forward_and_every_schedule(model_name):
     check_training(model_name, tr, train)
 
 
-SPMD_SPLIT_BUG = pytest.mark.xfail(
-    strict=True, raises=LaunchError,
-    reason="spmd_partition._localize_args tests out_pl[0][0] (mesh dim 0 = pp) instead of the tp dim for GPT-2's "
-           "fused c_attn split, so the split sizes stay global on 'pp=2,tp=2'; with that index fixed this case "
-           "passes every schedule (checked with a patched copy)")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("model_name", [pytest.param("gpt2-tiny", marks=SPMD_SPLIT_BUG), "llama-tiny"])
+@pytest.mark.parametrize("model_name", ["gpt2-tiny", "llama-tiny"])
 def test_pp2_tp2_forward_and_every_schedule(model_name):
     train = [(s, 4, v) for s, v in TRAIN_SCHEDULES]
     fwd, tr = run_cases(model_name, "pp=2,tp=2", [("forward", 2, 1)], train, timeout=500)
@@ -247,7 +240,7 @@ def test_misuse_is_a_clear_error_in_one_process():
     """pp=1 with 2 virtual stages runs in this process: the same runtime, no communication."""
     from meshc.errors import InputError, MeshError, ScheduleError
     from meshc.runtime.pipeline import PipelineModel
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     lm, program = _local_program()
     pipe = PipelineModel(program, build_schedule("interleaved-1f1b", 1, 2, virtual=2))
@@ -296,7 +289,7 @@ def test_pp_mesh_with_a_dp_dim_or_a_tp_that_cannot_shard_is_an_error():
     from meshc.errors import MeshError, PassError
     from meshc.models import load_model
     from meshc.runtime.pipeline import PipelineModel
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     _, program = _local_program("dp=2,pp=2", stages=2, model="mlp")
     with pytest.raises(MeshError, match="also has dp=2"):
@@ -312,7 +305,7 @@ def _stalled_rank(device_mesh):
     import time
 
     from meshc.runtime.pipeline import PipelineModel
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     lm, program = _local_program("pp=2", stages=2, model="mlp")
     program.rank = device_mesh.get_rank()

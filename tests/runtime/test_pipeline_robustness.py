@@ -14,7 +14,7 @@ def _random_configs_rank(device_mesh, configs):
     from meshc.errors import ScheduleError
     from meshc.models import load_model
     from meshc.runtime.pipeline import pipeline_model
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     torch.set_num_threads(1)
     mlp = load_model("mlp", batch=2, seq=4)

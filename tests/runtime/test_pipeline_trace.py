@@ -6,7 +6,7 @@ import pytest
 
 def test_idle_fractions_and_chrome_trace_of_a_known_timeline():
     from meshc.runtime.pipeline_trace import chrome_trace, idle_fractions, report
-    from meshc.runtime.schedules import build_schedule
+    from meshc.schedules import build_schedule
 
     ev = lambda r, op, s, mb, a, b, w=0.0: {"op": op, "stage": s, "mb": mb, "start": a, "end": b, "wait": w,
                                             "rank": r, "pp_rank": r}

@@ -12,6 +12,7 @@ s % pp. Data dependencies (the runtime relies on exactly these): F(s,m) needs F(
 B(s,m) / I(s,m) need F(s,m) and, below the last stage, the B/I of (s+1,m); W(s,m) needs
 I(s,m). The loss is computed inside the last stage's F/B.
 
+Lives in the compiler (pipeline_partition reads it) and is executed by `meshc.runtime.pipeline`.
 This module never runs a model, never imports torch.distributed and never imports a pass: it is
 pure data + arithmetic, so every rank builds the same schedule and validation happens before any
 process waits on another.

@@ -4,7 +4,7 @@ import random
 
 import meshc
 import pytest
-from meshc.runtime.schedules import (
+from meshc.schedules import (
     SCHEDULES,
     Action,
     Schedule,
