@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="pipeline, e.g. 'dce,auto_shard(budget=0.5),spmd_partition,lint' or with ladder_residual")
     s.add_argument("--batch", type=int, default=2, help="batch size (built-ins)")
     s.add_argument("--seq", type=int, default=16, help="first sequence length; a second one is 2*seq+1")
+    s.add_argument("--microbatches", type=int, default=0,
+                   help="on a pp mesh: micro-batches per call (default: the most, up to 2 per stage, dividing --batch)")
     s.add_argument("--iters", type=int, default=5, help="timed forward calls per rank")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails the run")
     s.add_argument("--show-program", action="store_true", help="print rank 0's local program")
@@ -225,7 +227,7 @@ def cmd_run(args) -> int:
     print(f"meshc run {args.model} on a local mesh '{spec}' ({spec.size} processes, plan {args.plan})", flush=True)
     plan = None if args.plan == "replicate" else args.plan
     r = run_on_mesh(args.model, str(spec), plan, args.batch, (args.seq, 2 * args.seq + 1), args.iters,
-                    args.timeout, args.show_program, args.pipeline)
+                    args.timeout, args.show_program, args.pipeline, args.microbatches)
     if r["program"]:
         print(r["program"])
     print(f"\nrank 0's compile:\n{r['report']}\n")

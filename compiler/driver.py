@@ -58,8 +58,12 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     spec = MeshSpec.parse(mesh)
     sched, stage_options = None, ""
     if (pp := spec.dim_size("pp")) > 1:  # a schedule that cannot work fails here, before any rank waits
+        from meshc.errors import MeshcError
         from meshc.schedules import build_schedule
 
+        if backend not in ("auto", "aten"):
+            raise MeshcError(f"backend {backend!r} on mesh '{spec}': pipeline stages run on the ATen backend only "
+                             f"for now; use backend='auto' or 'aten' on a mesh with a 'pp' dim")
         sched = build_schedule(schedule, pp, microbatches or 2 * pp * virtual, virtual)
         stage_options = f"(virtual={virtual},schedule={schedule},microbatches={sched.microbatches})"
     device_mesh = None

@@ -16,11 +16,17 @@ import torch
 
 
 def run_on_mesh(model: str, mesh: str, plan: Any = "auto", batch: int = 2, seqs: tuple[int, ...] = (16, 33),
-                iters: int = 5, timeout: float = 120.0, show_program: bool = False, pipeline: str = "default") -> dict:
+                iters: int = 5, timeout: float = 120.0, show_program: bool = False, pipeline: str = "default",
+                microbatches: int = 0) -> dict:
+    """microbatches (meshes with a `pp` dim): 0 = the most, up to 2 per stage, that divide `batch`."""
+    from meshc.mesh import MeshSpec
     from meshc.runtime.launch import launch
 
+    pp = MeshSpec.parse(mesh).dim_size("pp")
+    if pp > 1 and not microbatches:
+        microbatches = max(d for d in range(1, 2 * pp + 1) if batch % d == 0)
     results = launch(_rank_main, mesh, model, plan, batch, tuple(seqs), iters, show_program, pipeline,
-                     timeout=timeout)
+                     microbatches, timeout=timeout)
     report = dict(results[0])
     report["max_abs_error"] = max(r["max_abs_error"] for r in results)
     report["per_rank_param_bytes"] = [r["param_bytes"] for r in results]
@@ -28,7 +34,7 @@ def run_on_mesh(model: str, mesh: str, plan: Any = "auto", batch: int = 2, seqs:
 
 
 def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, ...], iters: int,
-               show_program: bool, pipeline: str) -> dict:
+               show_program: bool, pipeline: str, microbatches: int) -> dict:
     import meshc
     from meshc.models import load_model
     from meshc.numerics import max_abs_error
@@ -38,7 +44,8 @@ def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, 
     loaded = load_model(model, batch=batch, seq=seqs[0])
     t0 = time.perf_counter()
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
-                             example_kwargs=loaded.example_kwargs, plan=plan, pipeline=pipeline)
+                             example_kwargs=loaded.example_kwargs, plan=plan, pipeline=pipeline,
+                             microbatches=microbatches)
     compile_s = time.perf_counter() - t0
     checks, times = [], []
     with torch.no_grad():

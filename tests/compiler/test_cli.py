@@ -56,3 +56,11 @@ def test_cli_errors_are_one_clear_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("meshc: error:") and match in err and "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_run_on_a_pipeline_mesh_picks_micro_batches_that_divide_the_batch(capsys):
+    assert main(["run", "llama-tiny", "--mesh", "pp=2", "--iters", "1", "--timeout", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline_partition(virtual=1,schedule=1f1b,microbatches=2)" in out  # batch 2: 2, not 2 x stages
+    assert out.count("max abs error 0.00e+00 (ok)") == 2  # forward-only pipeline output is exact

@@ -224,6 +224,8 @@ def test_invalid_schedule_fails_before_any_process_is_needed():
     with pytest.raises(ScheduleError, match="multiple of pp=2"):  # not the MeshError 'needs 2 processes'
         meshc.compile(mlp.model, "pp=2", example_inputs=mlp.example_inputs, schedule="interleaved-1f1b",
                       microbatches=3, virtual=2)
+    with pytest.raises(meshc.MeshcError, match="pipeline stages run on the ATen backend only"):
+        meshc.compile(mlp.model, "pp=2", example_inputs=mlp.example_inputs, backend="triton")
 
 
 def _local_program(mesh=None, stages=2, batch=4, model="llama-tiny"):
