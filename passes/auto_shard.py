@@ -349,7 +349,8 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
     total_c = sum(v[0] for v in per_layer.values())
     total_m = sum(v[1] for v in per_layer.values())
     main = solution.dims[0].dim if solution.dims else "-"
-    lines = [f"mesh dim '{main}' (placements shown for every solved dim, '/'-separated):",
+    order = "/".join(solution.plan.mesh.names)
+    lines = [f"costs on mesh dim '{main}'; placements per mesh dim ({order}):",
              render_table(["layer", "compute us", "comm us", "collectives", "sharded parameters"], rows), "",
              f"total on '{main}': compute {total_c * 1e3:.3f} ms + communication {total_m * 1e3:.3f} ms"]
     lines += [f"dim '{d.dim}': {d.cost * 1e3:.3f} ms predicted (incl. output gathers), {d.status}, {d.seconds:.2f} s, "

@@ -56,10 +56,13 @@ class PipelineModel(torch.nn.Module):
                  timeout: float | None = None):
         super().__init__()
         mesh = program.mesh
-        extra = [f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes) if n not in ("pp", "tp") and s > 1]
+        extra = [f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes) if n not in ("pp", "tp", "dp") and s > 1]
         if extra:
-            raise MeshError(f"the pipeline runtime runs meshes with 'pp' and 'tp' dims; mesh '{mesh}' also has "
+            raise MeshError(f"the pipeline runtime runs meshes with 'dp', 'pp' and 'tp' dims; mesh '{mesh}' also has "
                             f"{', '.join(extra)}")
+        if mesh.dim_size("dp") > 1 and mesh.dim_size("tp") > 1:
+            raise MeshError(f"mesh '{mesh}': 'dp' together with 'pp' and 'tp' is not supported yet; use dp x pp "
+                            f"or pp x tp")
         if schedule.pp != mesh.dim_size("pp"):
             raise ScheduleError(f"{schedule} is for pp={schedule.pp} but mesh '{mesh}' has pp={mesh.dim_size('pp')}")
         self.program, self.schedule, self.timeout = program, schedule, timeout
@@ -67,7 +70,8 @@ class PipelineModel(torch.nn.Module):
         coords = mesh.coords(program.rank)
         self._pp_axis = mesh.names.index("pp") if "pp" in mesh.names else None
         self.pp_rank = coords[self._pp_axis] if self._pp_axis is not None else 0
-        self.tp = mesh.dim_size("tp")
+        self.tp, self.dp = mesh.dim_size("tp"), mesh.dim_size("dp")
+        self.dp_rank = coords[mesh.names.index("dp")] if self.dp > 1 else 0
         self.last = schedule.num_stages - 1
         self.local = {s: self.split.stages[s] for s in schedule.rank_stages(self.pp_rank)}
         if self.tp > 1:
@@ -79,6 +83,7 @@ class PipelineModel(torch.nn.Module):
                                 for s, st in self.local.items()}
         self.pp_group = device_mesh.get_group("pp") if device_mesh is not None and schedule.pp > 1 else None
         self.tp_group = device_mesh.get_group("tp") if device_mesh is not None and self.tp > 1 else None
+        self.dp_group = device_mesh.get_group("dp") if device_mesh is not None and self.dp > 1 else None
         self.last_trace: list[dict] = []
         self.backend, self.report = "aten", ""  # as CompiledModel: stages run as ATen graphs
 
@@ -131,6 +136,11 @@ class PipelineModel(torch.nn.Module):
     # ---- one step -------------------------------------------------------------------------------
     def _step(self, flat: list, target: Any, loss_fn) -> Any:
         m, training = self.schedule.microbatches, loss_fn is not None
+        if self.dp > 1:  # data parallel: each pipeline replica takes its share of the batch
+            replicas = f"over dp={self.dp} replicas"
+            flat = split_microbatches(flat, self.dp, self.program, replicas)[self.dp_rank]
+            if training:
+                target = pytree.tree_map(lambda t: microbatch(t, self.dp, self.dp_rank, "target", replicas), target)
         self._mbs = split_microbatches(flat, m, self.program)
         self._targets = [pytree.tree_map(lambda t, i=i: microbatch(t, m, i, "target"), target) for i in range(m)] \
             if training else None
@@ -153,6 +163,9 @@ class PipelineModel(torch.nn.Module):
         loss = torch.stack(self._losses).sum() / m if self._losses else torch.zeros(())
         if self.pp_group is not None:
             dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank holds a non-zero loss
+        if self.dp_group is not None:
+            dist.all_reduce(loss, group=self.dp_group)
+            loss = loss / self.dp
         return loss
 
     def _run_F(self, a: Action) -> None:
@@ -257,6 +270,11 @@ class PipelineModel(torch.nn.Module):
                 dist.all_reduce(g, group=self.pp_group)  # ranks that do not read it contribute zeros
                 if mine is not None:
                     self._grads[id(mine)] = g
+        if self.dp_group is not None:  # the mean over replicas = accumulation over the whole batch
+            for p in {id(p): p for p in self.params.values()}.values():
+                g = self._grads.get(id(p), torch.zeros_like(p))
+                dist.all_reduce(g, group=self.dp_group)
+                self._grads[id(p)] = g / self.dp
         for p in {id(p): p for p in self.params.values()}.values():
             if id(p) in self._grads:
                 p.grad = self._grads[id(p)].detach() if p.grad is None else p.grad + self._grads[id(p)]
@@ -277,7 +295,16 @@ class PipelineModel(torch.nn.Module):
             dist.broadcast_object_list(box, src=self._global_rank(self.schedule.stage_rank(self.last)),
                                        group=self.pp_group)
             merged = box[0]
+        if self.dp_group is not None:  # every replica's share of the batch, in order
+            merged = [self._gather_dp(t) for t in merged]
         return self._unflatten(merged)
+
+    def _gather_dp(self, t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.dp)]
+        dist.all_gather(parts, t.contiguous(), group=self.dp_group)
+        return torch.cat(parts)
 
     def _global_rank(self, pp_rank: int) -> int:
         if self._pp_axis is None:

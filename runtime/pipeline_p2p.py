@@ -26,21 +26,23 @@ from meshc.runtime.pipeline_stages import Boundary
 from meshc.schedules import Action
 
 
-def microbatch(t: Any, m: int, i: int, what: str) -> Any:
+def microbatch(t: Any, m: int, i: int, what: str, parts: str = "") -> Any:
     """Micro-batch i of m of `t` along dim 0 (non-tensors and scalars as they are)."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
     if t.shape[0] % m:
-        raise InputError(f"{what}: batch of {t.shape[0]} does not divide into {m} micro-batches; use a batch that "
-                         f"is a multiple of {m}, or another micro-batch count")
+        into = parts or f"into {m} micro-batches"
+        raise InputError(f"{what}: batch of {t.shape[0]} does not divide {into}; use a batch that is a multiple of "
+                         f"{m}" + ("" if parts else ", or another micro-batch count"))
     b = t.shape[0] // m
     return t[i * b:(i + 1) * b]
 
 
-def split_microbatches(flat: list, m: int, program: Program) -> list[list]:
-    """The flat user inputs cut into m micro-batches along dim 0 (non-tensors repeated)."""
+def split_microbatches(flat: list, m: int, program: Program, parts: str = "") -> list[list]:
+    """The flat user inputs cut into m micro-batches (or `parts`, e.g. replicas) along dim 0
+    (non-tensors repeated)."""
     names = [n.meta["meshc_name"] for n in program.placeholders("user")]
-    return [[microbatch(t, m, i, f"input {name}") for t, name in zip(flat, names)] for i in range(m)]
+    return [[microbatch(t, m, i, f"input {name}", parts) for t, name in zip(flat, names)] for i in range(m)]
 
 
 def shape_binding(program: Program, mb_inputs: list) -> dict:

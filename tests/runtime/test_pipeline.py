@@ -286,21 +286,40 @@ def lm_program_without_stages(program):
     return out
 
 
-def test_pp_mesh_with_a_dp_dim_or_a_tp_that_cannot_shard_is_an_error():
+def test_dp_pp_tp_mesh_or_a_tp_that_cannot_shard_is_an_error():
     import meshc
     from meshc.errors import MeshError, PassError
     from meshc.models import load_model
     from meshc.runtime.pipeline import PipelineModel
     from meshc.schedules import build_schedule
 
-    _, program = _local_program("dp=2,pp=2", stages=2, model="mlp")
-    with pytest.raises(MeshError, match="also has dp=2"):
+    _, program = _local_program("dp=2,pp=2,tp=2", stages=2, model="mlp")
+    with pytest.raises(MeshError, match="'dp' together with 'pp' and 'tp' is not supported yet"):
+        PipelineModel(program, build_schedule("gpipe", 2, 2))
+    _, program = _local_program("pp=2,sp=2", stages=2, model="mlp")
+    with pytest.raises(MeshError, match="also has sp=2"):
         PipelineModel(program, build_schedule("gpipe", 2, 2))
     lm = load_model("mlp")  # hidden 256: tp=3 cannot shard it
     program = meshc.capture(lm.model, lm.example_inputs, lm.example_kwargs, dynamic_shapes="auto", mesh="pp=2,tp=3")
     program.plan = "megatron"
     with pytest.raises(PassError, match=r"up.weight \[256, 64\]: dim 0 \(size 256\) does not divide over mesh dim"):
         meshc.PassManager("dce,pipeline_partition,spmd_partition").run(program)
+
+
+def _dp_pp_rank(device_mesh):
+    loaded, program = build(device_mesh, "llama-tiny", batch=4)
+    _, pipe = pipelined(device_mesh, program, "1f1b", 2, 1)  # each replica: 2 samples in 2 micro-batches
+    forward = forward_check(device_mesh, loaded, None, None, 4, 1, pipe=pipe)
+    train = train_check(device_mesh, loaded, None, None, 4, 1, pipe=pipe)  # reference: 4 micro-batches of 1
+    return forward, train
+
+
+@pytest.mark.timeout(300)
+def test_dp2_pp2_replicas_split_the_batch_and_average_gradients():
+    per_rank = launch(_dp_pp_rank, "dp=2,pp=2", timeout=240)
+    for (_, eager_err, same_type), _ in per_rank:
+        assert eager_err <= 1e-5 and same_type  # every rank returns the whole batch's output
+    check_training("llama-tiny", [[r[1]] for r in per_rank], ["1f1b on dp=2,pp=2"])
 
 
 def _stalled_rank(device_mesh):
