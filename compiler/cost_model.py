@@ -3,7 +3,8 @@
 meshc's single cost model, shared by auto-sharding, pipeline partitioning and the ladder-residual
 speedup prediction. Entry points:
 
-- `DevicePreset`, `PRESETS`, `get_preset(name_or_preset)`: the hardware figures.
+- `DevicePreset`, `PRESETS`, `get_preset(name_or_preset)`: the hardware figures;
+  `default_preset(program)`: the preset for where a Program's tensors live.
 - `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
   (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
   costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`. `p2p_time`:
@@ -90,6 +91,14 @@ PRESETS: dict[str, DevicePreset] = {
         ),
     )
 }
+
+
+def default_preset(program) -> str:
+    """The preset for where a Program's tensors live: cpu-gloo, or the CUDA device's by name."""
+    device = next((t.device for t in program.state.values() if t.device.type == "cuda"), None)
+    if device is None:
+        return "cpu-gloo"
+    return "h200-nvlink" if "H200" in torch.cuda.get_device_name(device) else "h100-nvlink"
 
 
 def get_preset(name_or_preset: str | DevicePreset) -> DevicePreset:

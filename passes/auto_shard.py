@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 import torch.fx as fx
-from meshc.cost_model import collective_time, get_preset
+from meshc.cost_model import collective_time, default_preset, get_preset
 from meshc.errors import MeshcError
 from meshc.passes import sharding_rules as rules
 from meshc.passes.sharding_strategies import (
@@ -50,7 +49,6 @@ from meshc.plan import Plan, make_plan, tp_dim
 from meshc.program import Program
 
 R = Replicate()
-_nbytes = nbytes  # kept for callers that size parameters the way the solver does
 
 
 @dataclass
@@ -265,14 +263,6 @@ def default_budget(program: Program) -> float | None:
         return sum(nbytes(p) for p in params) / n
     return sum(nbytes(p) / (1 if isinstance(megatron.for_param(p.meta["meshc_name"])[d], Replicate) else n)
                for p in params)
-
-
-def default_preset(program: Program) -> str:
-    """The cost-model preset for where the program's tensors live."""
-    device = next((t.device for t in program.state.values() if t.device.type == "cuda"), None)
-    if device is None:
-        return "cpu-gloo"
-    return "h200-nvlink" if "H200" in torch.cuda.get_device_name(device) else "h100-nvlink"
 
 
 @register_pass("auto_shard", preserves_semantics=True,

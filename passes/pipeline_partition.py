@@ -41,9 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.fx as fx
-from meshc.cost_model import _nbytes, _tensors, node_time, p2p_time
+from meshc.cost_model import _nbytes, _tensors, default_preset, node_time, p2p_time
 from meshc.errors import MeshcError
-from meshc.passes.auto_shard import default_preset
 from meshc.passes.residual_stream import find_residual_stream
 from meshc.pipeline import register_pass
 from meshc.program import Program
