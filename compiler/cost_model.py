@@ -10,6 +10,7 @@ speedup prediction. Entry points:
   costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`. `p2p_time`:
   one point-to-point send (pipeline stage boundaries).
 - `compute_time(flops, bytes_moved, preset)`: roofline, max(flops/peak, bytes/bandwidth).
+- `value_bytes(node)`: bytes of the tensors a node produces.
 - `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
   FakeTensors in `node.meta["val"]` (symbolic sizes are costed at their hint).
 - `calibrate_cpu(seconds)`: measure this machine and return a "cpu-calibrated" preset.
@@ -194,6 +195,11 @@ def _numel(t: torch.Tensor) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return _numel(t) * t.dtype.itemsize
+
+
+def value_bytes(node: fx.Node) -> int:
+    """Bytes of the tensors an FX node produces (its meta value: a tensor, or a tuple of them)."""
+    return sum(_nbytes(t) for t in _tensors(node.meta.get("val")))
 
 
 def _tensors(value) -> list[torch.Tensor]:

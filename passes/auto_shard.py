@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch.fx as fx
-from meshc.cost_model import collective_time, default_preset, get_preset
+from meshc.cost_model import collective_time, default_preset, get_preset, value_bytes
 from meshc.errors import MeshcError
 from meshc.passes import sharding_rules as rules
 from meshc.passes.sharding_strategies import (
@@ -40,7 +40,6 @@ from meshc.passes.sharding_strategies import (
     enumerate_strategies,
     key,
     module_path,
-    nbytes,
     transition,
 )
 from meshc.pipeline import register_pass
@@ -99,7 +98,7 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
     split_biases(program, None, recompile=False)  # biases as separate adds: row-parallel linears expressible
     mesh, preset = program.mesh, get_preset(preset)
     params = {n.meta["meshc_name"]: n for n in program.placeholders("parameter")}
-    total = sum(nbytes(p) for p in params.values())
+    total = sum(value_bytes(p) for p in params.values())
     limit = None if budget is None else budget * total if budget <= 1 else budget
     dims = solve_dims(mesh)
     divisor = {p: 1.0 for p in params.values()}  # how far the dims solved so far divide each parameter
@@ -171,13 +170,13 @@ def _solve_dim(program, dim, preset, limit, divisor, pins, time_limit, gather_pa
     for u in rules.tensor_inputs(output):  # outputs are gathered back to every rank
         for j, t in enumerate(opts[u]):
             kind = transition(t.out, R)
-            c[var(u, j)] += collective_time(kind, nbytes(u), n, preset) if kind else 0.0
+            c[var(u, j)] += collective_time(kind, value_bytes(u), n, preset) if kind else 0.0
     if limit is not None:
         mem: dict[int, float] = {}
         for p in divisor:
             for j, t in enumerate(opts[p]):
                 k = var(p, j)
-                mem[k] = mem.get(k, 0.0) + nbytes(p) / divisor[p] / (1 if isinstance(t.out, Replicate) else n)
+                mem[k] = mem.get(k, 0.0) + value_bytes(p) / divisor[p] / (1 if isinstance(t.out, Replicate) else n)
         row(mem, -np.inf, limit)
     keys = list(rows)
     entries = [(r, j, a) for r, k in enumerate(keys) for j, a in k]
@@ -234,9 +233,9 @@ def _infeasible(program, dim, pins, run, limit, divisor, opts, time_limit) -> st
         trial = {q: pl for q, pl in active.items() if q is not p}
         if run(trial, min(time_limit, 5.0)).x is None:
             active = trial
-    best = sum(nbytes(p) / divisor[p] / (n if any(not isinstance(t.out, Replicate) for t in opts[p]) else 1)
+    best = sum(value_bytes(p) / divisor[p] / (n if any(not isinstance(t.out, Replicate) for t in opts[p]) else 1)
                for p in divisor if p not in active)
-    pinned = sum(nbytes(p) / divisor[p] / (1 if isinstance(pl, Replicate) else n) for p, pl in active.items())
+    pinned = sum(value_bytes(p) / divisor[p] / (1 if isinstance(pl, Replicate) else n) for p, pl in active.items())
     mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
     where = f"on mesh dim '{program.mesh.names[dim]}' (size {n})"
     budget = f"the budget of {mib(limit)} per rank" if limit is not None else "the graph"
@@ -260,8 +259,8 @@ def default_budget(program: Program) -> float | None:
     megatron = make_plan("megatron", program, program.mesh)
     n = program.mesh.sizes[d]
     if not megatron.params:
-        return sum(nbytes(p) for p in params) / n
-    return sum(nbytes(p) / (1 if isinstance(megatron.for_param(p.meta["meshc_name"])[d], Replicate) else n)
+        return sum(value_bytes(p) for p in params) / n
+    return sum(value_bytes(p) / (1 if isinstance(megatron.for_param(p.meta["meshc_name"])[d], Replicate) else n)
                for p in params)
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch.fx as fx
-from meshc.cost_model import _nbytes, _tensors, default_preset, node_time, p2p_time
+from meshc.cost_model import default_preset, node_time, p2p_time, value_bytes
 from meshc.errors import MeshcError
 from meshc.passes.residual_stream import find_residual_stream
 from meshc.pipeline import register_pass
@@ -187,10 +187,6 @@ class Units:
         return bisect.bisect_right(self.bounds, pos) - 1
 
 
-def _vbytes(node: fx.Node) -> float:
-    return float(sum(_nbytes(t) for t in _tensors(node.meta.get("val"))))
-
-
 def graph_units(program: Program, preset: str, cuts: str = "auto") -> Units:
     """Cost every compute node and group nodes into units between candidate cuts."""
     g = program.graph
@@ -203,7 +199,7 @@ def graph_units(program: Program, preset: str, cuts: str = "auto") -> Units:
     spans = []
     for v in order:
         users = [pos.get(u, L) for u in v.users]  # the output node sits at L (last stage)
-        b = _vbytes(v)
+        b = value_bytes(v)
         if not users or b == 0:
             continue
         first, last = pos[v] + 1, max(users)
@@ -219,7 +215,7 @@ def graph_units(program: Program, preset: str, cuts: str = "auto") -> Units:
     for a, b in zip(bounds, bounds[1:]):
         seg = order[a:b]
         units.time.append(sum(cost[a:b]))
-        units.acts.append(sum(_vbytes(n) for n in seg if n.op == "call_function"
+        units.acts.append(sum(value_bytes(n) for n in seg if n.op == "call_function"
                               and not getattr(n.target, "is_view", False) and not isinstance(n.meta.get("val"), tuple)))
     # weights: tied placeholders share one tensor -> one key
     by_tensor: dict[int, list[fx.Node]] = {}

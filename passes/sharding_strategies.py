@@ -20,10 +20,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx as fx
-from meshc.cost_model import collective_time, node_time, size_hint
+from meshc.cost_model import collective_time, node_time, value_bytes
 from meshc.passes import sharding_rules as rules
 from meshc.placement import InterleavedShard, Partial, Placement, Replicate, Shard, describe
 from meshc.plan import LINEAR_OPS, _split_groups
@@ -57,13 +56,6 @@ class Strategies:
 def key(p: Any) -> str:
     """A placement (or list of them, for tuple outputs) as a short stable string: 'S(0)', 'R|P'."""
     return "|".join(describe(x) for x in p) if isinstance(p, list) else describe(p) if p is not None else "-"
-
-
-def nbytes(node: fx.Node) -> int:
-    v = node.meta.get("val")
-    if not isinstance(v, torch.Tensor):
-        return 0
-    return int(np.prod([size_hint(s) for s in v.shape], dtype=np.int64)) * v.element_size()
 
 
 def is_param(node: fx.Node) -> bool:
@@ -165,7 +157,7 @@ def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool
         for u, need in d.needs.items():
             kind = transition(assumed.get(u, R), need)
             if kind:
-                comm += collective_time(kind, nbytes(u), n, preset)
+                comm += collective_time(kind, value_bytes(u), n, preset)
                 colls.append(f"{kind}({u.name} {key(assumed[u])}->{key(need)})")
         outs = d.out if isinstance(d.out, list) else [d.out]
         sharded = any(p is not None and not isinstance(p, Replicate) for p in [*d.needs.values(), *outs])

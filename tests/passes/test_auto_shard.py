@@ -4,9 +4,9 @@ allows, deterministic, explainable, clear about infeasible constraints, and corr
 import pytest
 from meshc import MeshSpec, PassManager, capture
 from meshc.collectives import count_collectives
+from meshc.cost_model import value_bytes as _nbytes
 from meshc.errors import MeshcError
 from meshc.passes.auto_shard import explain, solve_sharding
-from meshc.passes.sharding_strategies import nbytes as _nbytes
 from meshc.placement import Shard, describe
 from meshc.plan import make_plan
 from meshc.runtime.run_on_mesh import run_on_mesh

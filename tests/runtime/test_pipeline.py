@@ -156,20 +156,12 @@ def test_pp2_llama_forward_exact_and_1f1b_trains():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("model_name", ["gpt2-tiny", "llama-tiny"])
-def test_pp4_forward_and_every_schedule(model_name):
+@pytest.mark.parametrize("mesh, forward_mbs, exact", [("pp=4", 4, True), ("pp=2,tp=2", 2, False)])
+def test_forward_and_every_schedule_on_four_ranks(mesh, forward_mbs, exact, model_name):
+    """exact: bit-identical forward (not under tp, whose all-reduces sum in another order)."""
     train = [(s, 4, v) for s, v in TRAIN_SCHEDULES]
-    fwd, tr = run_cases(model_name, "pp=4", [("forward", 4, 1)], train, timeout=500)
-    check_forward(fwd)
-    check_training(model_name, tr, train)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("model_name", ["gpt2-tiny", "llama-tiny"])
-def test_pp2_tp2_forward_and_every_schedule(model_name):
-    train = [(s, 4, v) for s, v in TRAIN_SCHEDULES]
-    fwd, tr = run_cases(model_name, "pp=2,tp=2", [("forward", 2, 1)], train, timeout=500)
-    check_forward(fwd, exact=False)
+    fwd, tr = run_cases(model_name, mesh, [("forward", forward_mbs, 1)], train, timeout=500)
+    check_forward(fwd, exact=exact)
     check_training(model_name, tr, train)
 
 
