@@ -2,7 +2,8 @@
 and the one used on machines without a GPU.
 
 Entry point: `lower(program) -> Callable[[list], tuple]` mapping the flat user inputs to the flat
-outputs; state tensors are bound once here.
+outputs (a pipeline stage's: its received values, then its user inputs); state tensors are
+bound once here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from meshc.program import Program
 
 def lower(program: Program) -> Callable[[list], tuple]:
     gm = program.gm
-    state = [program.state[n.name] for n in program.placeholders() if n.meta["meshc_input"] != "user"]
+    state = program.state_args()
 
     def run(flat_inputs: list) -> tuple:
         return gm(*state, *flat_inputs)

@@ -7,7 +7,8 @@ decompositions (`aten.linear` and `aten.scaled_dot_product_attention` stay whole
 level auto-sharding reasons at). Modules torch.export cannot take for reasons other than the
 user's own code fall back to `make_fx` over a functional call, with a warning naming the reason.
 Data-dependent control flow and KV-cache outputs get a `CaptureError` that says what to do.
-Capture never mutates the model.
+A model built on 'meta' gets its non-persistent buffers recomputed on CPU (`meta_buffers.py`), so
+`meshc.load_checkpoint` has to read only what checkpoints hold. Capture never mutates the model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from meshc.errors import CaptureError
 from meshc.mesh import MeshSpec
+from meshc.meta_buffers import rebuild_meta_buffers
 from meshc.program import Program
 from torch.export import Dim
 from torch.export.graph_signature import InputKind
@@ -81,6 +83,7 @@ def capture(
         node.meta["meshc_name"] = names.get(node.name) or next(user_iter)
     if any(t.is_meta for t in state.values()):
         _retarget_meta_factories(gm, args, kwargs)
+        rebuild_meta_buffers(model, state, names)  # what no checkpoint holds (rotary inv_freq, ...)
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -101,6 +104,7 @@ def _retarget_meta_factories(gm, args, kwargs) -> None:
     """A model built on 'meta' (weights loaded later, e.g. by meshc.load_checkpoint) bakes
     device='meta' into factory calls such as position-id aranges. Retarget them, and the state's
     recorded values, to the device of the inputs, then recompute every node's value."""
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -118,7 +122,8 @@ def _retarget_meta_factories(gm, args, kwargs) -> None:
         if isinstance(val, torch.Tensor) and val.device == meta:
             with mode:
                 node.meta["val"] = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[n.meta.get("val") for n in placeholders])
+    with enable_python_dispatcher():  # as torch.export traces (see passes/propagate_shapes.py)
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[n.meta.get("val") for n in placeholders])
 
 
 def _export(model, args, kwargs, shapes):

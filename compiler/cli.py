@@ -2,19 +2,23 @@
 
 Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`,
 `schedule`, `kernels`. The CLI holds no compiler logic of its own: each command builds a pipeline string and
-instruments and calls the library. Errors meshc raises on purpose print as one clear message and exit with status 2.
+instruments and calls the library. Errors meshc raises on purpose print as one clear message and exit with status 2
+(`MESHC_TRACEBACK=1` shows their traceback); any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import time
 
 import torch
-from meshc.errors import MeshcError
+from meshc.errors import MeshcError, PassError, SpecError
 
+#: What --plan takes (meshc.compile's plan= takes these and dicts; see meshc.plan).
+PLAN_NAMES = ("auto", "megatron", "replicate")
 EPILOG = ("MODEL is a built-in name (llama-tiny, gpt2-tiny, mlp, reference-lm), path/to/file.py:factory "
           "or package.module:factory.")
 
@@ -26,13 +30,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        _check_specs(args)
         return args.func(args) or 0
     except MeshcError as e:
-        print(f"meshc: error: {e}", file=sys.stderr)
+        if os.environ.get("MESHC_TRACEBACK"):  # debugging meshc itself: the whole story
+            raise
+        print(f"meshc: error: {_for_the_user(e, args)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+
+
+def _check_specs(args) -> None:
+    """Parse the specs typed on the command line before any model is loaded, so a typo costs a
+    second, not a capture. The parsers raise meshc errors; anything else is a bug and shows."""
+    from meshc.cost_model import get_preset
+    from meshc.mesh import MeshSpec
+
+    MeshSpec.parse(getattr(args, "mesh", None))
+    if getattr(args, "preset", None) is not None:
+        get_preset(args.preset)
+    plan = getattr(args, "plan", None)
+    if plan is not None and plan not in PLAN_NAMES:
+        close = difflib.get_close_matches(plan, PLAN_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SpecError(f"unknown plan {plan!r}{hint}; --plan takes {', '.join(PLAN_NAMES)}")
+
+
+def _for_the_user(e: MeshcError, args) -> MeshcError:
+    """A failed pass's replay command names the model spec the user typed (not its class name)."""
+    model = getattr(args, "model", None) or getattr(args, "run", None)
+    if isinstance(e, PassError) and model:
+        e.replay_for(model)
+    return e
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("model", metavar="MODEL", help=EPILOG)
         s.add_argument("--mesh", default=None, help="device mesh, e.g. tp=2 or dp=2,tp=2 (default: one device)")
         s.add_argument("--pipeline", default="default", help="pipeline string, e.g. 'dce,lint' (default: 'default')")
+        s.add_argument("--plan", default="auto",
+                       help="sharding plan on a mesh: auto (default: auto_shard), megatron or replicate")
+        s.add_argument("--schedule", default="1f1b", help="pipeline schedule on a mesh with a pp dim (default 1f1b)")
         s.add_argument("--batch", type=int, default=2, help="batch size of the example inputs (built-ins)")
         s.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs (built-ins)")
         s.add_argument("--static", action="store_true", help="capture with static shapes (default: dynamic)")
@@ -138,16 +172,32 @@ def cmd_passes(args) -> int:
 
 
 def _load(args):
-    from meshc.driver import default_pipeline
     from meshc.mesh import MeshSpec
     from meshc.models import load_model
-    from meshc.pipeline import parse_pipeline
+    from meshc.pipeline import parse_pipeline, resolve
 
     spec = MeshSpec.parse(args.mesh)
-    pipeline = default_pipeline(spec) if args.pipeline == "default" else args.pipeline
+    pipeline = resolve(spec, args.pipeline, _plan_arg(args), getattr(args, "schedule", "1f1b"),
+                       batch=args.batch).pipeline  # the one resolver, as meshc.compile
     parse_pipeline(pipeline)  # fail on a typo before loading anything
     loaded = load_model(args.model, batch=args.batch, seq=args.seq)
     return loaded, spec, pipeline
+
+
+def _plan_arg(args):
+    plan = getattr(args, "plan", "auto")
+    return None if plan == "replicate" else plan
+
+
+def _capture(args, loaded, spec):
+    """Capture as `meshc.compile` does, as rank 0 of the mesh with the plan asked for."""
+    import meshc
+
+    program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
+                            dynamic_shapes=None if args.static else "auto", mesh=spec)
+    if spec.size > 1:
+        program.plan = _plan_arg(args) or "replicate"
+    return program
 
 
 def _compile_for_rank0(args, loaded, spec, pipeline) -> int:
@@ -159,8 +209,7 @@ def _compile_for_rank0(args, loaded, spec, pipeline) -> int:
         instruments.append(meshc.DumpDir(args.dump_dir))
     print(f"meshc compile {args.model} on mesh '{spec}' (rank 0's program; `meshc run` executes it)\n"
           f"pipeline: {pipeline}")
-    program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
-                            dynamic_shapes=None if args.static else "auto", mesh=spec)
+    program = _capture(args, loaded, spec)
     manager = meshc.PassManager(pipeline, instruments=[*instruments, timings := meshc.Timings()])
     program = manager.run(program)
     print("\n".join(["", timings.table(), "", *program.notes]))
@@ -270,8 +319,7 @@ def _programs_by_step(args):
 
     loaded, spec, pipeline = _load(args)
     keep = _Keep()
-    program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
-                            dynamic_shapes=None if args.static else "auto", mesh=spec)
+    program = _capture(args, loaded, spec)
     manager = meshc.PassManager(pipeline, instruments=[keep])
     manager.run(program)
     return loaded, manager, keep.programs

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
+from meshc.errors import SpecError
 
 aten = torch.ops.aten
 
@@ -51,6 +52,7 @@ class DevicePreset:
     inter_alpha: float
     inter_beta: float
     devices_per_node: int
+    collective_backend: str = "nccl"  # process-group backend: how collectives are implemented (redistribute)
 
     def link(self, inter_node: bool = False) -> tuple[float, float]:
         """(alpha, beta) of the link a collective uses."""
@@ -69,6 +71,7 @@ PRESETS: dict[str, DevicePreset] = {
             inter_alpha=30e-6,  # every gloo rank of a test runs on this one host: same link
             inter_beta=1 / 2e9,
             devices_per_node=64,  # one host holds all local ranks
+            collective_backend="gloo",
         ),
         DevicePreset(
             name="h100-nvlink",
@@ -112,7 +115,7 @@ def get_preset(name_or_preset: str | DevicePreset) -> DevicePreset:
         return PRESETS[name_or_preset]
     close = difflib.get_close_matches(name_or_preset, PRESETS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(
+    raise SpecError(
         f"unknown device preset {name_or_preset!r}{hint}; valid names: {', '.join(sorted(PRESETS))}, "
         f"or pass a DevicePreset (e.g. the one calibrate_cpu() returns)"
     )

@@ -15,16 +15,7 @@ from meshc.capture import capture
 from meshc.instruments import Instrument, Timings
 from meshc.mesh import MeshSpec
 from meshc.pass_manager import PassManager
-from meshc.pipeline import DEFAULT_PIPELINES
-
-
-def default_pipeline(mesh: MeshSpec, plan: Any = None, stage_options: str = "") -> str:
-    if mesh.dim_size("pp") > 1:  # pipeline stages first; each stage tensor-parallel on a tp dim
-        tp = "" if mesh.dim_size("tp") <= 1 else "auto_shard,spmd_partition," if plan == "auto" else "spmd_partition,"
-        return f"dce,pipeline_partition{stage_options},{tp}lint"
-    if mesh.size <= 1:
-        return DEFAULT_PIPELINES["single"]
-    return DEFAULT_PIPELINES["auto_shard" if plan == "auto" else "sharded"]
+from meshc.pipeline import resolve
 
 
 def compile(  # noqa: A001 - the public name is meshc.compile
@@ -50,29 +41,23 @@ def compile(  # noqa: A001 - the public name is meshc.compile
       chooses with the cost model, within Megatron's per-rank parameter memory), 'megatron', None/'replicate',
       a glob dict {'*.q_proj.weight': 'S(0)'}, or a parallelize_module-style dict (see meshc.plan).
       Such a mesh needs one process per device: call compile inside meshc.launch or torchrun.
-    schedule, microbatches (0 = 2 x stages), virtual: for a mesh with a 'pp' dim, the pipeline
-      schedule (meshc.schedules) the returned PipelineModel runs; validated before capture.
+    schedule, microbatches (0 = the most, up to 2 per stage, that divide the example batch),
+      virtual: for a mesh with a 'pp' dim, the pipeline schedule (meshc.schedules) the returned
+      PipelineModel runs; validated before capture. Every stage is lowered by `backend`.
+    The pipeline that runs comes from `meshc.pipeline.resolve` (what every CLI command uses too).
     """
     from meshc.runtime.compiled_model import CompiledModel
 
     spec = MeshSpec.parse(mesh)
-    sched, stage_options = None, ""
-    if (pp := spec.dim_size("pp")) > 1:  # a schedule that cannot work fails here, before any rank waits
-        from meshc.errors import MeshcError
-        from meshc.schedules import build_schedule
-
-        if backend not in ("auto", "aten"):
-            raise MeshcError(f"backend {backend!r} on mesh '{spec}': pipeline stages run on the ATen backend only "
-                             f"for now; use backend='auto' or 'aten' on a mesh with a 'pp' dim")
-        sched = build_schedule(schedule, pp, microbatches or 2 * pp * virtual, virtual)
-        stage_options = f"(virtual={virtual},schedule={schedule},microbatches={sched.microbatches})"
+    batch = _example_batch(example_inputs)
+    # the one resolver; a schedule that cannot work fails here, before capture and before any rank waits
+    resolved = resolve(spec, pipeline, plan, schedule, microbatches, virtual, batch)
     device_mesh = None
     if spec.size > 1:
         from meshc.runtime.sharded import device_mesh_for
 
         device_mesh = device_mesh_for(spec, mesh)
-    manager = PassManager(default_pipeline(spec, plan, stage_options) if pipeline == "default" else pipeline,
-                          instruments=[*instruments, timings := Timings()])
+    manager = PassManager(resolved.pipeline, instruments=[*instruments, timings := Timings()])
     t0 = time.perf_counter()
     program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, mesh=spec)
     t1 = time.perf_counter()
@@ -80,17 +65,16 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     if device_mesh is not None:
         program.rank, program.plan = device_mesh.get_rank(), plan or "replicate"
     program = manager.run(program)
-    if sched is not None:
+    t2 = time.perf_counter()
+    if resolved.schedule is not None:
         from meshc.runtime.pipeline import pipeline_model
 
-        t2 = time.perf_counter()
-        compiled = pipeline_model(program, device_mesh, sched)
+        compiled = pipeline_model(program, device_mesh, resolved.schedule, backend)
     else:
         if device_mesh is not None:
-            from meshc.runtime.sharded import prepare_rank
+            from meshc.runtime.mesh import bind
 
-            program = prepare_rank(program, device_mesh)
-        t2 = time.perf_counter()
+            bind(program, device_mesh)
         compiled = CompiledModel(program, backend)
     t3 = time.perf_counter()
     report = "\n".join([timings.table(), "", *program.notes,
@@ -99,3 +83,10 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     compiled.report = report
     return compiled
 
+
+def _example_batch(example_inputs: tuple | None) -> int | None:
+    """Dim 0 of the first batched tensor input (what micro-batches and dp replicas split)."""
+    for t in example_inputs or ():
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    return None

@@ -1,7 +1,8 @@
 """Model specs for the CLI and tests: built-in small models and user factories.
 
 Entry point: `load_model(spec, batch=2, seq=16) -> LoadedModel`. A spec is a built-in name
-(`llama-tiny`, `gpt2-tiny`, `mlp`, `reference-lm`), `path/to/file.py:factory`, or
+(`llama-tiny`, `gpt2-tiny`, `mlp`, `reference-lm`, and the decoder families of `meshc.families`
+such as `falcon-tiny`), `path/to/file.py:factory`, or
 `package.module:factory`. A factory returns `(model, example_inputs)` or
 `(model, example_inputs, example_kwargs)`. Built-ins are Hugging Face models from small configs
 with random weights (seeded); nothing is downloaded.
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from meshc.errors import MeshcError
+from meshc.families import FAMILIES
+from meshc.families import VOCAB as FAMILY_VOCAB
 
 
 @dataclass
@@ -91,13 +94,25 @@ def _builtin(name: str) -> tuple[torch.nn.Module, Callable[[int, int], tuple], d
         from meshc.reference_lm import load_reference_lm
 
         return load_reference_lm(), _token_ids(256), no_cache
+    if name in FAMILIES:
+        return FAMILIES[name].build(), _token_ids(FAMILY_VOCAB), no_cache
     raise KeyError(name)
 
 
-BUILTIN_MODELS = ("llama-tiny", "gpt2-tiny", "mlp", "reference-lm")
+BUILTIN_MODELS = ("llama-tiny", "gpt2-tiny", "mlp", "reference-lm", *FAMILIES)
 
 
 def load_model(spec: str, batch: int = 2, seq: int = 16) -> LoadedModel:
+    try:
+        return _resolve(spec, batch, seq)
+    except ModuleNotFoundError as e:  # the Hugging Face models are an install extra
+        if (e.name or "").partition(".")[0] != "transformers":
+            raise
+        raise MeshcError(f"model {spec!r} needs Hugging Face transformers, which is not installed: "
+                         f"pip install 'meshc[hf]'") from e
+
+
+def _resolve(spec: str, batch: int, seq: int) -> LoadedModel:
     if spec in BUILTIN_MODELS:
         model, make, kwargs = _builtin(spec)
         return LoadedModel(model, make(batch, seq), dict(kwargs), make)

@@ -38,7 +38,7 @@ class PassManager:
                 if not isinstance(after, Program):
                     raise MeshcError(f"returned {type(after).__name__}, not a Program")
             except Exception as e:  # noqa: BLE001 - every failure is re-raised naming the pass
-                raise PassError(call.name, done, e) from e
+                raise _pass_error(call, done, e, program) from e
             seconds = time.perf_counter() - t0
             _stamp_new_nodes(program, after, call.name)
             after.history.append(str(call))
@@ -48,12 +48,19 @@ class PassManager:
                 except PassError:
                     raise
                 except MeshcError as e:
-                    raise PassError(call.name, done, e) from e
+                    raise _pass_error(call, done, e, program) from e
             done.append(str(call))
             program = after
         for ins in self.instruments:
             ins.finish(program)
         return program
+
+
+def _pass_error(call: PassCall, done: list[str], cause: Exception, program: Program) -> PassError:
+    """The error for a failed pass, with a replay command naming the model, its mesh and a named plan."""
+    mesh = str(program.mesh) if program.mesh.size > 1 else None
+    plan = program.plan if mesh and program.plan in ("megatron", "replicate") else None  # 'auto' is the default
+    return PassError(call.name, done, cause, call=str(call), model=program.model_name, mesh=mesh, plan=plan)
 
 
 def _stamp_new_nodes(before: Program, after: Program, pass_name: str) -> None:

@@ -1,7 +1,9 @@
 """Pass registry and pipeline strings.
 
 Entry points: `register_pass` (decorator used by `passes/*.py`), `PASSES` (name → Pass),
-`parse_pipeline("dce,ladder_residual(layers=last:4)")` → list of `PassCall`.
+`parse_pipeline("dce,ladder_residual(layers=last:4)")` → list of `PassCall`, and `resolve(mesh,
+pipeline, plan, schedule, ...)` → `Resolved`: the one place that turns what a user asked for into
+the pipeline string that runs (`meshc.compile` and every CLI command call it).
 
 A pass is a function `fn(program, **options) -> Program` whose keyword-only parameters are its
 options; their annotations (int, float, bool, str) are how option strings are converted. Pipelines
@@ -17,13 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshc.errors import PipelineError
-
-#: Pipeline used by `meshc.compile(pipeline="default")` for each mesh kind.
-DEFAULT_PIPELINES = {
-    "single": "dce,propagate_shapes,lint",
-    "sharded": "dce,spmd_partition,lint",
-    "auto_shard": "dce,auto_shard,spmd_partition,lint",
-}
 
 
 @dataclass(frozen=True)
@@ -124,3 +119,52 @@ def _convert(pass_name: str, key: str, value: str, annotation: Any) -> Any:
     except ValueError:
         raise PipelineError(f"pass {pass_name!r}: option {key}={value!r} is not a valid {kind}") from None
     return value
+
+
+# ---- the one resolver --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    pipeline: str
+    schedule: Any = None  # meshc.schedules.Schedule on a mesh with a pipeline dim, else None
+
+
+def default_microbatches(stages: int, batch: int | None) -> int:
+    """The most micro-batches, up to 2 per stage, that divide `batch` (2 per stage if unknown)."""
+    if not batch:
+        return 2 * stages
+    return max(d for d in range(1, 2 * stages + 1) if batch % d == 0)
+
+
+def resolve(mesh: Any = None, pipeline: str = "default", plan: Any = "auto", schedule: str = "1f1b",
+            microbatches: int = 0, virtual: int = 1, batch: int | None = None) -> Resolved:
+    """(mesh, plan, schedule, pipeline) -> the pipeline string that runs, and the schedule.
+
+    One device: dce, propagate_shapes, lint. A tp/dp mesh: dce, [auto_shard if plan='auto'],
+    spmd_partition, lint. A mesh with a pp dim: dce, pipeline_partition for the schedule, the
+    same sharding passes on a tp dim, split_stages, differentiable_collectives (tp: training needs
+    the adjoints), weight_grad_outputs (zero-bubble schedules, which have W actions), lint.
+    microbatches=0: the most, up to 2 per stage, that divide the example `batch` of each dp replica.
+    An explicit pipeline string is returned as given (the schedule is still built and checked)."""
+    from meshc.mesh import MeshSpec
+    from meshc.schedules import build_schedule
+
+    spec = MeshSpec.parse(mesh)
+    shard = "auto_shard,spmd_partition" if plan == "auto" else "spmd_partition"
+    if spec.pp <= 1:
+        default = "dce,propagate_shapes,lint" if spec.size <= 1 else f"dce,{shard},lint"
+        return Resolved(default if pipeline == "default" else pipeline)
+    stages = spec.pp * virtual
+    share = batch // spec.dp if batch else None
+    sched = build_schedule(schedule, spec.pp, microbatches or default_microbatches(stages, share), virtual)
+    if pipeline != "default":
+        return Resolved(pipeline, sched)
+    parts = ["dce", f"pipeline_partition(virtual={virtual},schedule={schedule},microbatches={sched.microbatches})"]
+    if spec.tp > 1:
+        parts.append(shard)
+    parts.append(f"split_stages(stages={stages})")
+    if spec.tp > 1:
+        parts.append("differentiable_collectives")
+    if any(a.op == "W" for acts in sched.actions for a in acts):
+        parts.append("weight_grad_outputs")
+    return Resolved(",".join([*parts, "lint"]), sched)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from meshc.errors import SpecError
 from torch.distributed.tensor import Partial, Placement, Replicate, Shard
 
 __all__ = ["InterleavedShard", "Partial", "Placement", "Replicate", "Shard", "describe", "local_shape",
@@ -52,18 +53,21 @@ def describe(p: Placement) -> str:
 
 
 def parse_placement(text: str) -> Placement:
-    """Inverse of `describe`."""
+    """Inverse of `describe`: 'R', 'P', 'S(d)' or 'IS(d,groups)'. Anything else is a SpecError."""
     t = text.strip()
     if t == "R":
         return Replicate()
     if t == "P":
         return Partial()
-    if t.startswith("IS(") and t.endswith(")"):
-        d, g = (int(x) for x in t[3:-1].split(","))
-        return InterleavedShard(d, g)
-    if t.startswith("S(") and t.endswith(")"):
-        return Shard(int(t[2:-1]))
-    raise ValueError(f"cannot parse placement {text!r}; expected R, P, S(d) or IS(d,groups)")
+    try:
+        if t.startswith("IS(") and t.endswith(")"):
+            d, g = (int(x) for x in t[3:-1].split(","))
+            return InterleavedShard(d, g)
+        if t.startswith("S(") and t.endswith(")"):
+            return Shard(int(t[2:-1]))
+    except ValueError:  # S(x), IS(1): a number missing or not an integer
+        pass
+    raise SpecError(f"cannot parse placement {text!r}; expected R, P, S(d) or IS(d,groups), e.g. 'S(0)'")
 
 
 def local_shape(shape: Sequence[int], placements: Sequence[Placement], mesh_sizes: Sequence[int]) -> list[int]:

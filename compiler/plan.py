@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from meshc.errors import MeshError
-from meshc.mesh import MeshSpec
+from meshc.mesh import DP, MeshSpec
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, parse_placement
 from meshc.program import Program
 
@@ -101,7 +101,7 @@ class Plan:
         Only what that API can express is allowed: linear weights [out, in] sharded on the 'tp' dim."""
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        dim = tp_dim(self.mesh)
+        dim = self.mesh.tp_index
         out: dict[str, Any] = {}
         for fqn, pls in sorted(self.params.items()):
             module, leaf = fqn.rsplit(".", 1)
@@ -122,16 +122,8 @@ def graph_hash(program: Program) -> str:
     return hashlib.sha256(program.gm.code.encode()).hexdigest()[:16]
 
 
-def tp_dim(mesh: MeshSpec) -> int | None:
-    """The mesh dim used for tensor parallelism: 'tp', else the only dim if it is not 'dp'."""
-    if "tp" in mesh.names:
-        return mesh.names.index("tp")
-    others = [i for i, n in enumerate(mesh.names) if n not in ("dp", "pp")]
-    return others[0] if len(others) == 1 else None
-
-
 def _on_tp(mesh: MeshSpec, p: Placement) -> tuple[Placement, ...]:
-    dim = tp_dim(mesh)
+    dim = mesh.tp_index
     if dim is None:
         raise MeshError(f"mesh '{mesh}' has no tensor-parallel dim; name one 'tp' (e.g. 'dp=2,tp=2')")
     return tuple(p if i == dim else Replicate() for i in range(len(mesh.names)))
@@ -142,8 +134,7 @@ def make_plan(spec: Any, program: Program, mesh: MeshSpec) -> Plan:
     if isinstance(spec, Plan):
         return spec
     plan = Plan(mesh, source=spec if isinstance(spec, str) else "custom")
-    if "dp" in mesh.names:  # data parallel: every tensor input is split on its batch dim
-        d = mesh.names.index("dp")
+    if (d := mesh.index(DP)) is not None:  # data parallel: every tensor input is split on its batch dim
         for node in program.placeholders("user"):
             if isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim() > 0:
                 plan.inputs[node.meta["meshc_name"]] = tuple(

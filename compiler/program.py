@@ -27,7 +27,8 @@ from meshc.mesh import MeshSpec
 
 #: Every meshc node.meta key, with its meaning. Passes read and write only these (plus torch's).
 META: dict[str, str] = {
-    "meshc_input": "placeholders only: 'parameter' | 'buffer' | 'constant' | 'user'",
+    "meshc_input": "placeholders only: 'parameter' | 'buffer' | 'constant' | 'user' | 'recv' (a pipeline "
+    "stage's input from the previous stage)",
     "meshc_name": "placeholders only: parameter/buffer FQN ('model.layers.0.mlp.up_proj.weight') "
     "or the user input's pytree path (\"args[0]\", \"kwargs['attention_mask']\")",
     "meshc_pass": "name of the pass that created or last rewrote this node",
@@ -47,6 +48,13 @@ def source_line(node: fx.Node) -> str | None:
         return None
     path, line, fn, code = frames[-1]
     return f"{path.rsplit('/', 1)[-1]}:{line} in {fn}: {code.strip()}"
+
+
+def trainable(node: fx.Node) -> bool:
+    """A floating-point parameter placeholder: what training updates."""
+    val = node.meta.get("val")
+    return (node.op == "placeholder" and node.meta.get("meshc_input") == "parameter"
+            and isinstance(val, torch.Tensor) and val.is_floating_point())
 
 
 def describe_node(node: fx.Node) -> str:
@@ -85,6 +93,7 @@ class Program:
     rank: int = 0  # the global rank whose local program this is (meshes larger than one device)
     plan: Any = None  # sharding plan spec from compile(plan=...); a meshc.plan.Plan once partitioned
     notes: list[str] = field(default_factory=list)  # what passes report to the user (one line each)
+    split: Any = None  # a pipelined Program's stages (meshc.stages.Split), set by the split_stages pass
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -118,11 +127,19 @@ class Program:
         for old, new in zip(self.graph.nodes, graph.nodes):
             new.meta = dict(old.meta)
         gm = fx.GraphModule(self.gm, graph)
-        return replace(self, gm=gm, state=dict(self.state), history=list(self.history), notes=list(self.notes))
+        return replace(self, gm=gm, state=dict(self.state), history=list(self.history), notes=list(self.notes),
+                       split=self.split.clone() if self.split is not None else None)
 
     def code(self) -> str:
-        """The graph as runnable Python, annotated with shapes and user source lines."""
+        """The graph as runnable Python, annotated with shapes and user source lines; a pipelined
+        Program prints each stage's graph (what each stage runs)."""
+        if self.split is not None:
+            return "\n".join(stage_code(self, st) for st in self.split.stages)
         return self.gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+
+    def state_args(self) -> list[torch.Tensor]:
+        """The state tensors in placeholder order: a graph takes them first, then its flat inputs."""
+        return [self.state[n.name] for n in self.placeholders() if n.meta["meshc_input"] not in ("user", "recv")]
 
     # ---- calling convention ----------------------------------------------------------------
     def bind_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
@@ -180,8 +197,7 @@ class Program:
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Execute the graph eagerly (ATen, this process) with `state`; the reference semantics."""
         flat = self.bind_inputs(args, kwargs)
-        state = [self.state[n.name] for n in self.placeholders() if n.meta["meshc_input"] != "user"]
-        return self.unflatten_outputs(self.gm(*state, *flat))
+        return self.unflatten_outputs(self.gm(*self.state_args(), *flat))
 
     def run_example(self) -> Any:
         args, kwargs = self.example_inputs
@@ -191,6 +207,16 @@ class Program:
         """An nn.Module running this Program whose parameters are the Program's parameter tensors
         (trainable, tied weights one Parameter): for fine-tuning a rewritten model ("healing")."""
         return ProgramModule(self)
+
+
+def stage_code(program: Program, stage) -> str:
+    """One stage's graph with a header saying where it runs and what crosses its boundaries."""
+    rank = f" on pipeline rank {stage.index % program.mesh.pp}" if program.mesh.pp > 1 else ""
+    recv = ", ".join(b.name for b in stage.recv) or "-"
+    send = ", ".join(b.name for b in stage.send) or "the model outputs"
+    head = f"# ---- stage {stage.index}{rank}: receives {recv}; sends {send}"
+    return head + "\n" + stage.program.gm.print_readable(print_output=False, include_stride=False,
+                                                          include_device=False, colored=False)
 
 
 class ProgramModule(torch.nn.Module):

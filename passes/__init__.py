@@ -8,9 +8,12 @@ Importing this package registers every pass (see `meshc passes` for the table).
 from meshc.passes import (  # noqa: F401
     auto_shard,
     dce,
+    differentiable_collectives,
     ladder_residual,
     lint,
     pipeline_partition,
     propagate_shapes,
+    split_stages,
     spmd_partition,
+    weight_grad_outputs,
 )

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch.fx as fx
-from meshc.cost_model import collective_time, default_preset, get_preset, value_bytes
+from meshc.cost_model import default_preset, get_preset, value_bytes
 from meshc.errors import MeshcError
+from meshc.mesh import PP
 from meshc.passes import sharding_rules as rules
 from meshc.passes.sharding_strategies import (
     Strategy,
@@ -40,12 +41,12 @@ from meshc.passes.sharding_strategies import (
     enumerate_strategies,
     key,
     module_path,
-    transition,
 )
 from meshc.pipeline import register_pass
 from meshc.placement import Placement, Replicate, parse_placement
-from meshc.plan import Plan, make_plan, tp_dim
+from meshc.plan import Plan, make_plan
 from meshc.program import Program
+from meshc.redistribute import transition_time
 
 R = Replicate()
 
@@ -73,12 +74,21 @@ class Solution:
     variables: int
     shared_nodes: int = 0  # nodes of repeated layers that reuse an earlier layer's variables
     dims: list[DimSolution] = field(default_factory=list)
+    #: (collective, mesh dim, bytes) -> count per forward: the redistribution table applied to the
+    #: plan (input chunks and output gathers included) - exactly what spmd_partition will emit
+    collectives: Counter = field(default_factory=Counter)
+
+    def collectives_summary(self) -> str:
+        kinds = Counter()
+        for (op, dim, _), k in self.collectives.items():
+            kinds[f"{op}@{dim}"] += k
+        return ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"
 
 
 def solve_dims(mesh) -> list[int]:
     """Mesh dims auto_shard decides, in order: the tensor-parallel dim, then the rest but `pp`."""
-    first = tp_dim(mesh)
-    rest = [i for i, n in enumerate(mesh.names) if n != "pp" and i != first and mesh.sizes[i] > 1]
+    first = mesh.tp_index
+    rest = [i for i, n in enumerate(mesh.names) if n != PP and i != first and mesh.sizes[i] > 1]
     return ([first] if first is not None else []) + rest
 
 
@@ -118,9 +128,11 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
     plan.params = {fqn: tuple(pl) for fqn, pl in placements.items() if any(not isinstance(x, Replicate) for x in pl)}
     main = solved[0] if solved else DimSolution("-", 0.0, "optimal", 0.0, 0, 0, {}, {})
     worst = next((s.status for s in solved if s.status != "optimal"), "optimal")
+    from meshc.passes.spmd_partition import predict_collectives
+
     return Solution(plan, sum(s.cost for s in solved), main.chosen, main.options, worst,
                     sum(s.seconds for s in solved), sum(s.variables for s in solved),
-                    sum(s.shared_nodes for s in solved), solved)
+                    sum(s.shared_nodes for s in solved), solved, predict_collectives(program, plan))
 
 
 def _solve_dim(program, dim, preset, limit, divisor, pins, time_limit, gather_params) -> DimSolution:
@@ -169,8 +181,8 @@ def _solve_dim(program, dim, preset, limit, divisor, pins, time_limit, gather_pa
     output = next(v for v in program.graph.nodes if v.op == "output")
     for u in rules.tensor_inputs(output):  # outputs are gathered back to every rank
         for j, t in enumerate(opts[u]):
-            kind = transition(t.out, R)
-            c[var(u, j)] += collective_time(kind, value_bytes(u), n, preset) if kind else 0.0
+            if not isinstance(t.out, list):
+                c[var(u, j)] += transition_time(t.out, R, value_bytes(u), n, preset)
     if limit is not None:
         mem: dict[int, float] = {}
         for p in divisor:
@@ -252,7 +264,7 @@ def _infeasible(program, dim, pins, run, limit, divisor, opts, time_limit) -> st
 def default_budget(program: Program) -> float | None:
     """Per-rank parameter bytes when none is given: on a tensor-parallel dim, what the Megatron
     plan needs (or an even split if the graph has no Megatron pairs); otherwise unlimited."""
-    d = tp_dim(program.mesh)
+    d = program.mesh.tp_index
     if d is None:
         return None
     params = program.placeholders("parameter")
@@ -281,7 +293,8 @@ def auto_shard(program: Program, *, budget: str = "auto", preset: str = "auto", 
                          f"variables ({sol.shared_nodes} nodes share a repeated layer's); predicted "
                          f"{sol.cost * 1e3:.3f} ms per forward ({preset}: {per_dim}); budget "
                          f"{'none' if limit is None else f'{limit / 2**20:.2f} MiB'} per rank; "
-                         f"{len(sol.plan.params)} parameters sharded")
+                         f"{len(sol.plan.params)} parameters sharded; collectives per forward: "
+                         f"{sol.collectives_summary()}")
     return program
 
 

@@ -1,7 +1,8 @@
 """ladder_residual: sub-layer k reads the residual stream from `delay` steps earlier.
 
 Entry point: the pass `ladder_residual(layers="all", delay=1)`. With sub-layers numbered
-k = 1..2L (attention, MLP, attention, ...) and h_k(x) = F_k(Norm_k(x)):
+k = 1..n (attention, MLP, attention, ...; a parallel block - attention and MLP off the same
+stream, one residual add - is one sub-layer) and h_k(x) = F_k(Norm_k(x)):
 
     standard:  x_k = x_{k-1} + h_k(x_{k-1})
     ladder:    x_k = x_{k-1} + h_k(x_{k-1-delay})        (x_j = x_0 for j < 0)
@@ -9,9 +10,10 @@ k = 1..2L (attention, MLP, attention, ...) and h_k(x) = F_k(Norm_k(x)):
 so under tensor parallelism the all-reduce of h_k no longer blocks sub-layer k+1 and runs while
 it computes (spmd_partition schedules waits as late as dependencies allow). No parameters are
 added; the model computes something else and must be healed (Ladder Residual, 2025).
-`delay=0` leaves the Program unchanged. The residual stream is found from the graph
-(`residual_stream.py`); `layers` selects transformer layers (two sub-layers each): `all`,
-`last:N`, `first:N`, or a 0-based range `i-j` (inclusive).
+`delay=0` leaves the Program unchanged. The residual stream and its layers are found from the
+graph (`residual_stream.py`: a layer starts at each attention sub-layer); `layers` selects
+transformer layers: `all`, `last:N`, `first:N`, or a 0-based range `i-j` (inclusive). A post-norm
+decoder has no residual stream to rewire: the error names the norm node.
 """
 
 from __future__ import annotations
@@ -48,12 +50,9 @@ def ladder_residual(program: Program, *, layers: str = "all", delay: int = 1) ->
     if delay < 0:
         raise MeshcError(f"ladder_residual: delay must be >= 0, got {delay}")
     stream = find_residual_stream(program)
-    n_sub = len(stream)
-    if n_sub % 2:
-        raise MeshcError(f"ladder_residual: found {n_sub} residual sub-layers, an odd number, so they do not pair "
-                         f"into (attention, MLP) layers; the stream ends at %{stream.adds[-1].name}")
-    chosen = select_layers(layers, n_sub // 2)
-    subs = [k for layer in chosen for k in (2 * layer + 1, 2 * layer + 2)]
+    n_sub, grouped = len(stream), stream.layers()
+    chosen = select_layers(layers, len(grouped))
+    subs = [k for layer in chosen for k in grouped[layer]]
     if delay == 0:
         program.notes.append("ladder_residual: delay=0, Program unchanged")
         return program
@@ -70,6 +69,6 @@ def ladder_residual(program: Program, *, layers: str = "all", delay: int = 1) ->
         rewired.append(k)
     program.gm.recompile()
     program.notes.append(
-        f"ladder_residual: {n_sub // 2} layers / {n_sub} sub-layers found; rewired sub-layers {rewired} "
+        f"ladder_residual: {len(grouped)} layers / {n_sub} sub-layers found; rewired sub-layers {rewired} "
         f"(layers {chosen[0]}..{chosen[-1]}) to read x_(k-{1 + delay})")
     return program

@@ -16,11 +16,15 @@ _NO_VALUE = {torch.ops.aten._assert_tensor_metadata.default}
 
 
 def lint_program(program: Program) -> None:
+    if program.split is not None:  # a pipelined Program: every stage is a Program of its own
+        for stage in program.split.stages:
+            lint_program(stage.program)
+        return
     try:
         program.graph.lint()
     except Exception as e:
         raise MeshcError(f"graph lint failed: {e}") from e
-    state_nodes = {n.name for n in program.placeholders() if n.meta.get("meshc_input") != "user"}
+    state_nodes = {n.name for n in program.placeholders() if n.meta.get("meshc_input") not in ("user", "recv")}
     if state_nodes != set(program.state):
         raise MeshcError(f"state and placeholders disagree: missing tensors for "
                          f"{sorted(state_nodes - set(program.state))}, tensors without a placeholder "
@@ -29,7 +33,8 @@ def lint_program(program: Program) -> None:
         unknown = [k for k in node.meta if k.startswith("meshc_") and k not in META]
         if unknown:
             raise NodeError(node, f"unknown meshc meta keys {unknown}; define them in program.META")
-        if node.op == "placeholder" and node.meta.get("meshc_input") not in ("parameter", "buffer", "constant", "user"):
+        kinds = ("parameter", "buffer", "constant", "user", "recv")
+        if node.op == "placeholder" and node.meta.get("meshc_input") not in kinds:
             raise NodeError(node, "placeholder without meta['meshc_input']")
         if node.op == "call_function" and node.target not in _NO_VALUE and "val" not in node.meta:
             raise NodeError(node, "node has no meta['val']; run propagate_shapes after creating nodes")

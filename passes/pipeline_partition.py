@@ -253,7 +253,7 @@ def _candidates(program, order, pos, cross_at, cuts) -> tuple[list[int], list[st
         if stream is not None:
             marks = [(pos[x] + 1, k) for k, x in enumerate(stream.xs) if x in pos and 0 < pos[x] + 1 < L]
             bounds = [0] + [p for p, _ in marks] + [L]
-            paired = len(stream) % 2 == 0
+            layer_of = {k: i for i, group in enumerate(stream.layers()) for k in group}
             labels, prev = [], 0
             for p, k in [*marks, (L, None)]:
                 if k is None:
@@ -261,7 +261,7 @@ def _candidates(program, order, pos, cross_at, cuts) -> tuple[list[int], list[st
                 elif prev == 0 and k == 0:
                     labels.append("embedding")
                 else:
-                    labels.append(f"sub-layer {k}" + (f" (layer {(k - 1) // 2})" if paired else ""))
+                    labels.append(f"sub-layer {k}" + (f" (layer {layer_of[k]})" if k in layer_of else ""))
                 prev = p
             return bounds, labels, f"{len(marks)} residual-stream boundaries"
     allowed = [i for i in range(1, L) if order[i].target is not operator.getitem]  # getitem stays with its tuple
@@ -310,7 +310,7 @@ def pipeline_partition(program: Program, *, stages: int = 0, virtual: int = 1, s
 
     if virtual < 1:
         raise MeshcError(f"pipeline_partition: virtual must be >= 1, got {virtual}")
-    stages = stages or program.mesh.dim_size("pp") * virtual
+    stages = stages or program.mesh.pp * virtual
     if stages % virtual:
         raise MeshcError(f"pipeline_partition: stages={stages} is not a multiple of virtual={virtual}; "
                          f"use stages = pp x virtual")

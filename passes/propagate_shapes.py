@@ -2,7 +2,10 @@
 
 Entry points: the pass `propagate_shapes`, and `check_recorded_shapes(program)` used by the
 Verify instrument to prove a pass left shapes and dtypes consistent. Symbolic sizes (sympy) are
-kept: the placeholders' FakeTensors carry the ShapeEnv from capture.
+kept: the placeholders' FakeTensors carry the ShapeEnv from capture. Propagation runs under torch's
+Python dispatcher, as torch.export does: some meta kernels call composite ops on symbolic sizes
+(e.g. `aten.baddbmm` expands its bias, as ALiBi attention does), which the C++ kernels reject
+("SymIntArrayRef expected to contain only concrete integers").
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.fx as fx
 from meshc.errors import NodeError
 from meshc.pipeline import register_pass
 from meshc.program import Program
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -24,7 +28,8 @@ def fake_values(program: Program) -> dict[str, Any]:
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
     prop = _Recorder(program.gm, mode)
     try:
-        prop.propagate_dont_convert_inputs(*inputs)
+        with enable_python_dispatcher():
+            prop.propagate_dont_convert_inputs(*inputs)
     except Exception as e:
         raise NodeError(prop.current, f"shape propagation failed: {type(e).__name__}: {e}") from e
     return prop.values

@@ -8,7 +8,14 @@ sub-layer h = F(Norm(x)) reads the stream it is added to). Residual adds chained
     x_0 -> add_1 = x_0 + h_1(x_0) -> add_2 = add_1 + h_2(add_1) -> ... -> x_2L
 
 Sub-layer k (1-based) is `h_k`; its *body* is every node between the stream value it reads and
-`h_k`. Used by ladder_residual (and by FFN fusion to find consecutive sub-layers).
+`h_k`. Sub-layers group into transformer layers (`layers()`): a layer starts at each sub-layer
+that attends (SDPA, or a softmax over a product of two activations) and takes the sub-layers after
+it that do not. A sequential block is (attention, MLP); a parallel block (GPT-J, GPT-NeoX, Falcon:
+attention and MLP read the same stream, one residual add) is one sub-layer. Used by
+ladder_residual and pipeline_partition (and by FFN fusion to find consecutive sub-layers).
+
+A post-norm decoder (x_k = Norm(x_{k-1} + F(x_{k-1}))) has no residual stream: each add feeds a
+norm, not the next add. The error names that norm node and its source line.
 """
 
 from __future__ import annotations
@@ -35,6 +42,43 @@ class ResidualStream:
     def body(self, k: int) -> set[fx.Node]:
         """Nodes of sub-layer k (1-based) that depend on x_{k-1} and feed h_k (h_k included)."""
         return _between(self.xs[k - 1], self.hs[k - 1])
+
+    def attends(self, k: int) -> bool:
+        """Whether sub-layer k mixes positions (attention) rather than acting on each one (MLP)."""
+        return any(_is_attention(n) for n in self.body(k))
+
+    def layers(self) -> list[list[int]]:
+        """Sub-layers (1-based) grouped into transformer layers, e.g. [[1, 2], [3, 4]] for two
+        sequential blocks, [[1], [2]] for two parallel ones. Without any attention (a residual MLP
+        stack) every sub-layer is a layer."""
+        out: list[list[int]] = []
+        for k in range(1, len(self) + 1):
+            if not out or self.attends(k):
+                out.append([k])
+            else:
+                out[-1].append(k)
+        return out
+
+
+_ATTENTION = {aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default}
+_SOFTMAX = {aten._softmax.default, aten.softmax.int}
+_PRODUCTS = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+
+
+def _is_attention(node: fx.Node) -> bool:
+    """SDPA, or a softmax with a product of two activations (q @ k^T) among its close inputs."""
+    if node.target in _ATTENTION:
+        return True
+    if node.target not in _SOFTMAX:
+        return False
+    frontier, seen = [node], set()
+    for _ in range(6):  # softmax(scale * (q @ k^T) + bias): a few ops back at most
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and a.op == "call_function"]
+        seen.update(frontier)
+        if any(a.target in _PRODUCTS and not any(x.op == "placeholder" for x in a.all_input_nodes)
+               for a in frontier):
+            return True
+    return False
 
 
 def _ancestors(node: fx.Node, stop: set[fx.Node] | None = None) -> set[fx.Node]:
@@ -99,8 +143,28 @@ def find_residual_stream(program: Program, min_length: int = 2) -> ResidualStrea
             raise MeshcError("no residual add (x + F(x) with matching shapes) in the graph: this is not a "
                              "residual network, so there is no residual stream to rewire")
         last = best[-1]
+        if (between := _post_norm(last, pairs)) is not None:
+            raise NodeError(between, f"post-norm block: the residual add %{last.name} feeds this node, and its "
+                                     f"output (not the sum) is what the next sub-layer reads and adds to "
+                                     f"(x_k = Norm(x_(k-1) + F(x_(k-1)))), so no un-normalized residual stream runs "
+                                     f"through the model. Rewrites of the residual stream need pre-norm blocks "
+                                     f"(x_k = x_(k-1) + F(Norm(x_(k-1)))).")
         users = ", ".join(f"%{u.name}" for u in last.users) or "nothing"
         raise NodeError(last, f"the residual stream has only {len(best)} sub-layer(s): after this add the "
                               f"stream goes to {users}, and none of them is `stream + F(stream)`")
     xs = [pairs[best[0]][0], *best]
     return ResidualStream(xs=xs, adds=best, hs=[pairs[a][1] for a in best])
+
+
+def _post_norm(add: fx.Node, pairs: dict[fx.Node, tuple[fx.Node, fx.Node]], depth: int = 12) -> fx.Node | None:
+    """The node after residual `add` that the next residual add reads as its stream (x), if the
+    stream passes through other nodes (a norm) between the two adds; None otherwise."""
+    stream_inputs = {x for x, _ in pairs.values()}
+    frontier, seen = [add], {add}
+    for _ in range(depth):
+        frontier = [u for n in frontier for u in n.users if u not in seen and u not in pairs]
+        seen.update(frontier)
+        hit = next((u for u in frontier if u in stream_inputs), None)
+        if hit is not None:
+            return hit
+    return None

@@ -3,8 +3,9 @@
 Entry points: `enumerate_strategies(program, dim, preset, gather_params) -> Strategies`, used by
 `auto_shard`. A strategy of node v is (the output placement it assumes of each producer, the
 placements `sharding_rules.decide` then needs, v's output placement, its compute and the
-collectives its needs imply). Strategies come from meshc's own rule table, so a chosen strategy
-is exactly what `spmd_partition` builds.
+collectives its needs imply, priced from the one redistribution table `meshc.redistribute`).
+Strategies come from meshc's own rule table, so a chosen strategy is exactly what
+`spmd_partition` builds.
 
 Identical repeated blocks (transformer layers) are enumerated once: a block whose structure
 (ops, shapes, arguments, how it reads earlier blocks) and whose inputs' possible placements
@@ -22,11 +23,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from meshc.cost_model import collective_time, node_time, value_bytes
+from meshc.cost_model import node_time, value_bytes
+from meshc.mesh import DP
 from meshc.passes import sharding_rules as rules
-from meshc.placement import InterleavedShard, Partial, Placement, Replicate, Shard, describe
+from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe
 from meshc.plan import LINEAR_OPS, _split_groups
 from meshc.program import Program
+from meshc.redistribute import describe_steps, shardable, transition_time
 
 R = Replicate()
 
@@ -62,25 +65,14 @@ def is_param(node: fx.Node) -> bool:
     return node.op == "placeholder" and node.meta.get("meshc_input") == "parameter"
 
 
-def transition(have: Any, need: Any) -> str | None:
-    """The collective that turns placement `have` into `need` (None: nothing, or a local chunk)."""
-    if key(have) == key(need):
-        return None
-    if isinstance(have, Partial):
-        return "all_reduce" if isinstance(need, Replicate) else "reduce_scatter_tensor"
-    if isinstance(have, Shard):
-        return "all_gather_into_tensor" if isinstance(need, Replicate) else "all_to_all_single"
-    return None  # Replicate -> Shard is a local chunk
-
-
 def _param_candidates(node: fx.Node, n: int, groups: set[int]) -> list[Placement]:
     """Replicate, Shard(d) for every dim the mesh divides, and InterleavedShard(d, g) for the group
     counts `g` of the fused projections in the graph (GPT-2's q|k|v: weight and bias)."""
     out: list[Placement] = [R]
     for d, size in enumerate(node.meta["val"].shape):
-        if isinstance(size, int) and size % n == 0 and size >= n:
+        if shardable(size, n):
             out.append(Shard(d))
-            out.extend(InterleavedShard(d, g) for g in sorted(groups) if size % (g * n) == 0)
+            out.extend(InterleavedShard(d, g) for g in sorted(groups) if shardable(size, g * n))
     return out
 
 
@@ -90,7 +82,7 @@ def enumerate_strategies(program: Program, dim: int, preset, gather_params: bool
     stored (a strategy that would all-gather a parameter every forward, FSDP-style, is not
     offered). `pinned`: {parameter name: pinned placement}; blocks share only if pinned alike."""
     n = program.mesh.sizes[dim]
-    on_dp = program.mesh.names[dim] == "dp"
+    on_dp = program.mesh.names[dim] == DP
     options: dict[fx.Node, list[Strategy]] = {}
     rep: dict[fx.Node, fx.Node] = {}
     boundary: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}
@@ -155,10 +147,11 @@ def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool
             continue
         comm, colls = 0.0, []
         for u, need in d.needs.items():
-            kind = transition(assumed.get(u, R), need)
-            if kind:
-                comm += collective_time(kind, value_bytes(u), n, preset)
-                colls.append(f"{kind}({u.name} {key(assumed[u])}->{key(need)})")
+            have = assumed.get(u, R)
+            kinds = "" if isinstance(have, list) or isinstance(need, list) else describe_steps(have, need)
+            if kinds:
+                comm += transition_time(have, need, value_bytes(u), n, preset)
+                colls.append(f"{kinds}({u.name} {key(have)}->{key(need)})")
         outs = d.out if isinstance(d.out, list) else [d.out]
         sharded = any(p is not None and not isinstance(p, Replicate) for p in [*d.needs.values(), *outs])
         seen[k] = Strategy(assumed, dict(d.needs), d.out, t_full / n if sharded else t_full, comm, colls)

@@ -8,33 +8,40 @@ Entry point: the pass `spmd_partition(plan=...)`. Steps, in order:
 3. Placements propagate through every node, one mesh dim at a time, by the rules in
    `sharding_rules` (`meshc_placement` on each node).
 4. This rank's graph is emitted with local shapes; where a consumer needs a placement its
-   producer does not have, functional collectives are inserted: `all_reduce` (Partial →
-   Replicate), `all_gather_into_tensor` (Shard → Replicate), local `chunk` (Replicate → Shard).
-   Each collective is issued right after its producer and its `wait_tensor` sits right before the
-   first consumer, so independent compute can overlap it. Collectives name their group by mesh
-   dim ('tp'); the runtime binds the real process groups.
+   producer does not have, the steps of the one redistribution table (`meshc.redistribute`) are
+   emitted: functional collectives (`all_reduce`, `all_gather_into_tensor`, `reduce_scatter_tensor`,
+   `all_to_all_single`) and local chunks. Each collective is issued right after its producer and
+   its `wait_tensor` sits right before the first consumer, so independent compute can overlap it.
+   Collectives name their group by mesh dim (`MeshSpec.group_name`: 'tp@tp=2'); the runtime binds
+   the real process groups to those names.
+5. `program.state` becomes this rank's shards.
 
 User inputs enter replicated (every rank is called with the full inputs) and are chunked locally
 where the plan shards them; outputs are gathered to Replicate. Size values (`sym_size`) stay
 global in the local graph; view sizes on sharded dims are divided by the mesh dim size.
-The pass never touches a process group: `meshc compile --mesh tp=2` prints rank 0's program.
+`predict_collectives` applies the table to a plan without emitting a graph (what auto_shard
+reports; a test checks it equals the emitted graph's collectives). The pass never touches a
+process group: `meshc compile --mesh tp=2` prints rank 0's program.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from meshc.collectives import count_collectives
+from meshc.cost_model import size_hint
 from meshc.errors import MeshError, NodeError, at_node
 from meshc.passes import sharding_rules as rules
 from meshc.pipeline import register_pass
-from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, local_shape
+from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, local_shape, local_shard
 from meshc.plan import Plan, make_plan
 from meshc.program import Program
+from meshc.redistribute import plan_steps, steps
 from torch._guards import detect_fake_mode
 
 aten = torch.ops.aten
@@ -56,6 +63,7 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
     program.gm = schedule_waits_late(_Emitter(program, placements, needs).emit())
     program.plan = the_plan
     _refresh_local_vals(program)
+    _localize_state(program)
     kinds = count_collectives(program)
     program.notes.append(f"spmd_partition: plan '{the_plan.source}' (hash {the_plan.hash()}) on mesh '{mesh}', "
                          f"rank {program.rank}; collectives per forward: "
@@ -64,6 +72,38 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
         program.notes.append("spmd_partition: ops with no sharding rule ran replicated: "
                              + ", ".join(sorted(fallbacks)))
     return program
+
+
+def predict_collectives(program: Program, plan: Any = None) -> Counter:
+    """Multiset of (collective, mesh dim, bytes) this rank's program issues per forward under
+    `plan` (default: the program's), from the redistribution table alone: no graph is emitted.
+    User inputs enter replicated, outputs leave replicated, as the emitter does."""
+    program = program.clone()
+    the_plan = make_plan(plan or program.plan or "megatron", program, program.mesh)
+    split_biases(program, the_plan, recompile=False)
+    placements, needs, _ = _propagate(program, the_plan)
+    out: Counter = Counter()
+
+    def add(a: fx.Node, have: Any, want: Any) -> None:
+        val = a.meta.get("val")
+        if isinstance(val, torch.Tensor) and not isinstance(have, list) and not isinstance(want, list):
+            shape = [size_hint(s) for s in val.shape]
+            for s in plan_steps(have, want, shape, val.dtype.itemsize, program.mesh):
+                if s.is_collective:
+                    out[(s.op, s.dim, s.nbytes)] += 1
+
+    seen: set = set()
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            if node.meta["meshc_input"] == "user":
+                add(node, the_plan.replicated(), placements[node])
+            continue
+        for a, need in needs[node].items():
+            key = (a, tuple(describe(p) for p in need))
+            if key not in seen:
+                seen.add(key)
+                add(a, placements[a], need)
+    return out
 
 
 # ---- plan checks and pre-rewrite --------------------------------------------------------------
@@ -279,24 +319,22 @@ class _Emitter:
 
     # -- collectives --
     def _redistribute(self, x: fx.Node, have: tuple, want: tuple, early: bool = False) -> fx.Node:
+        """Emit the steps of the one redistribution table (`meshc.redistribute`), dim 0 first."""
         for i, (h, w) in enumerate(zip(have, want)):
-            if describe(h) == describe(w):
-                continue
-            group, n, r = self.mesh.names[i], self.mesh.sizes[i], self.coords[i]
-            plain = type(w) is Shard and (type(h) is Shard or h.is_partial())
-            if plain and h.is_partial():
-                x = self._reduce_scatter(x, w.dim, group, n)
-            elif plain:
-                x = self._all_to_all(x, h.dim, w.dim, group, n)
-            elif isinstance(w, Shard):
-                if isinstance(h, Shard) or h.is_partial():
-                    x = self._to_replicate(x, h, group, n, early)
-                x = self._chunk(x, w, n, r)
-            elif w.is_replicate():
-                x = self._to_replicate(x, h, group, n, early)
-            else:
-                raise MeshError(f"cannot produce a {w} tensor from {h}")
-            early = False  # only the first collective can be issued at the producer
+            group, n, r = self.mesh.group_name(i), self.mesh.sizes[i], self.coords[i]
+            for step in steps(h, w):
+                if step.op == "chunk":
+                    x = self._chunk(x, step.want, n, r)
+                elif step.op == "all_reduce":
+                    x = self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_reduce.default, "sum",
+                                                                          group))
+                elif step.op == "reduce_scatter_tensor":
+                    x = self._reduce_scatter(x, step.want.dim, group, n)
+                elif step.op == "all_gather_into_tensor":
+                    x = self._all_gather(x, step.have, group, n, early)
+                else:  # all_to_all_single
+                    x = self._all_to_all(x, step.have.dim, step.want.dim, group, n)
+                early = False  # only the first collective can be issued at the producer
         return x
 
     def _issue(self, x: fx.Node, early: bool, target, *args) -> fx.Node:
@@ -305,9 +343,8 @@ class _Emitter:
                 return self._call(target, x, *args)
         return self._call(target, x, *args)
 
-    def _to_replicate(self, x: fx.Node, h: Placement, group: str, n: int, early: bool) -> fx.Node:
-        if h.is_partial():
-            return self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_reduce.default, "sum", group))
+    def _all_gather(self, x: fx.Node, h: Placement, group: str, n: int, early: bool) -> fx.Node:
+        """Shard(d) or InterleavedShard -> Replicate: gather along dim 0, then put blocks in place."""
         out = self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_gather_into_tensor.default, n, group))
         if isinstance(h, InterleavedShard):  # [rank][group] blocks -> [group][rank]
             parts = self._call(aten.chunk.default, out if h.dim == 0 else self._undo_dim0(out, h.dim, n), n * h.groups,
@@ -376,6 +413,20 @@ def schedule_waits_late(gm: fx.GraphModule) -> fx.GraphModule:
     for n in order:
         env[n] = graph.node_copy(n, lambda a: env[a])
     return fx.GraphModule(gm, graph)
+
+
+def _localize_state(program: Program) -> None:
+    """`program.state` becomes this rank's shards (tied weights stay one tensor; a tensor on 'meta'
+    stays on 'meta', with its local shape, for `meshc.load_checkpoint` to fill)."""
+    coords, sizes = program.mesh.coords(program.rank), program.mesh.sizes
+    local: dict[int, torch.Tensor] = {}
+    for node in program.placeholders():
+        full, pls = program.state.get(node.name), node.meta.get("meshc_placement")
+        if full is None or not pls or all(isinstance(p, Replicate) for p in pls):
+            continue
+        if id(full) not in local:
+            local[id(full)] = local_shard(full, pls, coords, sizes).clone()
+        program.state[node.name] = local[id(full)]
 
 
 def _refresh_local_vals(program: Program) -> None:

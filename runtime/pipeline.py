@@ -6,9 +6,10 @@ action: F, B or the split I/W of zero-bubble schedules), `last_trace` (measured 
 action on this rank; `meshc.runtime.pipeline_trace` writes Chrome traces and compares with the
 schedule's prediction).
 
-How it runs. The Program's nodes carry `meta["meshc_stage"]` (pass `pipeline_partition`);
-`pipeline_stages.split_stages` cuts it into one graph per virtual stage; stage s runs on pp rank
-`schedule.stage_rank(s)`. The batch (dim 0 of every batched input) is cut into `microbatches`
+How it runs. The Program arrives split (passes `pipeline_partition`, `split_stages`, and for
+training on a tp dim `differentiable_collectives`; `weight_grad_outputs` for zero-bubble): one
+Program per virtual stage, each lowered here by `meshc.backends.lower` like any Program; stage s
+runs on pp rank `schedule.stage_rank(s)`. The batch (dim 0 of every batched input) is cut into `microbatches`
 equal micro-batches. Activations go from stage s to s+1 and gradients back through
 `pipeline_p2p.Exchange` (`dist.batch_isend_irecv`, gloo or NCCL): sends are asynchronous, the
 receive an action needs is posted one action ahead and waited right before use, each wait bounded
@@ -29,63 +30,60 @@ weights), then added to `.grad` of the local parameters (`local_parameters()`).
 keeps in `program.state` only the tensors this rank's stages read, so `meshc.load_checkpoint`
 loads only those into a model captured on 'meta'.
 
-Never imports a pass, never builds or changes a schedule (an invalid one fails in
-`build_schedule`, before any process waits), never waits without a timeout.
+Never imports a pass, never builds or rewrites a graph, never builds or changes a schedule (an
+invalid one fails in `build_schedule`, before any process waits), never waits without a timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
-from meshc.errors import MeshError, ScheduleError
-from meshc.program import Program
+from meshc.errors import MeshcError, MeshError, ScheduleError
+from meshc.mesh import DP, PP, TP
+from meshc.program import Program, trainable
 from meshc.runtime.pipeline_p2p import Exchange, microbatch, shape_binding, split_microbatches
-from meshc.runtime.pipeline_stages import differentiable_collectives, split_stages, trainable
-from meshc.runtime.pipeline_weight_grads import weight_grads, with_weight_outputs
+from meshc.runtime.pipeline_weight_grads import weight_grads
 from meshc.schedules import Action, Schedule
 
 
 class PipelineModel(torch.nn.Module):
     def __init__(self, program: Program, schedule: Schedule, device_mesh: Any = None, *,
-                 timeout: float | None = None):
+                 backend: str = "aten", timeout: float | None = None):
         super().__init__()
         mesh = program.mesh
-        extra = [f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes) if n not in ("pp", "tp", "dp") and s > 1]
+        extra = [f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes) if n not in (PP, TP, DP) and s > 1]
         if extra:
-            raise MeshError(f"the pipeline runtime runs meshes with 'dp', 'pp' and 'tp' dims; mesh '{mesh}' also has "
-                            f"{', '.join(extra)}")
-        if mesh.dim_size("dp") > 1 and mesh.dim_size("tp") > 1:
-            raise MeshError(f"mesh '{mesh}': 'dp' together with 'pp' and 'tp' is not supported yet; use dp x pp "
-                            f"or pp x tp")
-        if schedule.pp != mesh.dim_size("pp"):
-            raise ScheduleError(f"{schedule} is for pp={schedule.pp} but mesh '{mesh}' has pp={mesh.dim_size('pp')}")
+            raise MeshError(f"the pipeline runtime runs meshes with '{DP}', '{PP}' and '{TP}' dims; mesh '{mesh}' "
+                            f"also has {', '.join(extra)}")
+        if mesh.dp > 1 and mesh.tp > 1:
+            raise MeshError(f"mesh '{mesh}': '{DP}' together with '{PP}' and '{TP}' is not supported yet; use "
+                            f"{DP} x {PP} or {PP} x {TP}")
+        if schedule.pp != mesh.pp:
+            raise ScheduleError(f"{schedule} is for pp={schedule.pp} but mesh '{mesh}' has pp={mesh.pp}")
+        if program.split is None:
+            raise MeshError("the pipeline runtime runs a split Program: run the passes pipeline_partition and "
+                            "split_stages first (meshc.compile's default pipeline on a pp mesh does)")
+        if len(program.split.stages) != schedule.num_stages:
+            raise MeshError(f"the program has {len(program.split.stages)} stages but {schedule} runs "
+                            f"{schedule.num_stages}; partition it for {schedule.num_stages} stages")
         self.program, self.schedule, self.timeout = program, schedule, timeout
-        self.split = split_stages(program, schedule.num_stages)
-        coords = mesh.coords(program.rank)
-        self._pp_axis = mesh.names.index("pp") if "pp" in mesh.names else None
-        self.pp_rank = coords[self._pp_axis] if self._pp_axis is not None else 0
-        self.tp, self.dp = mesh.dim_size("tp"), mesh.dim_size("dp")
-        self.dp_rank = coords[mesh.names.index("dp")] if self.dp > 1 else 0
+        self.split = program.split
+        self.pp_rank, self.dp_rank = mesh.coord(program.rank, PP), mesh.coord(program.rank, DP)
+        self.tp, self.dp = mesh.tp, mesh.dp
         self.last = schedule.num_stages - 1
         self.local = {s: self.split.stages[s] for s in schedule.rank_stages(self.pp_rank)}
-        if self.tp > 1:
-            for st in self.local.values():
-                st.gm = differentiable_collectives(st.gm)
-        self._state, self.params = self._local_state()
-        split_w = any(a.op == "W" for a in schedule.actions[self.pp_rank])
-        self._weight_readers = {s: with_weight_outputs(st, set(self.params)) if split_w else None
-                                for s, st in self.local.items()}
-        self.pp_group = device_mesh.get_group("pp") if device_mesh is not None and schedule.pp > 1 else None
-        self.tp_group = device_mesh.get_group("tp") if device_mesh is not None and self.tp > 1 else None
-        self.dp_group = device_mesh.get_group("dp") if device_mesh is not None and self.dp > 1 else None
+        self.requested_backend = backend
+        self.rebind()
+        self.pp_group = device_mesh.get_group(PP) if device_mesh is not None and schedule.pp > 1 else None
+        self.tp_group = device_mesh.get_group(TP) if device_mesh is not None and self.tp > 1 else None
+        self.dp_group = device_mesh.get_group(DP) if device_mesh is not None and self.dp > 1 else None
         self.last_trace: list[dict] = []
-        self.backend, self.report = "aten", ""  # as CompiledModel: stages run as ATen graphs
+        self.report = ""
 
     # ---- state ----------------------------------------------------------------------------------
     def _local_state(self):
@@ -107,8 +105,15 @@ class PipelineModel(torch.nn.Module):
         return state, params
 
     def rebind(self) -> None:
-        """Take the tensors again from `program.state` (after `meshc.load_checkpoint`)."""
+        """Take the tensors from `program.state` (again after `meshc.load_checkpoint`) and lower
+        every local stage's Program with the backend (trainable tensors bound as leaves)."""
+        from meshc.backends import lower
+
         self._state, self.params = self._local_state()
+        self._run: dict[int, Any] = {}
+        for s, st in self.local.items():
+            st.program.state.update({n: self._state[n] for n in st.state})
+            self._run[s], self.backend = lower(st.program, self.requested_backend)
 
     def local_parameters(self) -> dict[str, torch.Tensor]:
         """This rank's trainable tensors by the model's FQN (tied weights under each name)."""
@@ -127,6 +132,9 @@ class PipelineModel(torch.nn.Module):
     def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
         """One step: every micro-batch forward and backward per the schedule. Returns the mean
         micro-batch loss (on every rank) and adds this step's gradients to `.grad`."""
+        if self.backend != "aten":
+            raise MeshcError(f"train_step runs on the aten backend only: the {self.backend} backend has no backward "
+                             f"kernels. Compile with backend='aten' (or 'auto' on a CPU) to train.")
         if not self.schedule.training:
             raise ScheduleError(f"{self.schedule} has no backward; build a training schedule "
                                 f"(gpipe, 1f1b, interleaved-1f1b, zb-h1) for train_step")
@@ -173,10 +181,9 @@ class PipelineModel(torch.nn.Module):
         recv = self._ex.take("act", a.stage, a.mb) if a.stage > 0 else []
         if training:
             recv = [t.requires_grad_(True) if b.requires_grad else t for b, t in zip(st.recv, recv)]
-        args = [*recv, *(self._state[n] for n in st.state), *(self._mbs[a.mb][i] for i in st.user)]
-        readers = self._weight_readers.get(a.stage) if training else None
+        readers = st.readers
         with torch.set_grad_enabled(training):
-            out = list((readers.gm if readers else st.gm)(*args))
+            out = list(self._run[a.stage]([*recv, *(self._mbs[a.mb][i] for i in st.user)]))
             qs = []  # with weight readers: their outputs, then their arguments (saved for W)
             if readers:
                 cut = len(out) - len(readers.readers) - readers.num_argvals
@@ -223,7 +230,7 @@ class PipelineModel(torch.nn.Module):
         """Weight gradients: per reader the formula dq -> dweight (autograd on that reader if there is
         none), or, without readers, the whole stage again."""
         outs, grads = self._ctx.pop((a.stage, a.mb))
-        readers = self._weight_readers.get(a.stage)
+        readers = self.local[a.stage].readers
         if readers is None:
             params = self._stage_params(a.stage)
             self._accumulate(params, _grad(outs, params, grads, retain=False))
@@ -254,7 +261,7 @@ class PipelineModel(torch.nn.Module):
         share a tensor, then add them to `.grad`. Every rank runs the same collectives in order."""
         nodes = {n.name: n for n in self.program.placeholders()}
         if self.tp_group is not None:
-            tp_axis = self.program.mesh.names.index("tp")
+            tp_axis = self.program.mesh.index(TP)
             for name, p in self.params.items():
                 pls = nodes[name].meta.get("meshc_placement")
                 if id(p) in self._grads and (pls is None or pls[tp_axis].is_replicate()):
@@ -292,7 +299,8 @@ class PipelineModel(torch.nn.Module):
             merged = [torch.cat(v) if isinstance(v[0], torch.Tensor) and v[0].dim() else v[0] for v in leaves]
         if self.pp_group is not None:
             box = [merged]
-            dist.broadcast_object_list(box, src=self._global_rank(self.schedule.stage_rank(self.last)),
+            last_rank = self.program.mesh.with_coord(self.program.rank, PP, self.schedule.stage_rank(self.last))
+            dist.broadcast_object_list(box, src=last_rank,
                                        group=self.pp_group)
             merged = box[0]
         if self.dp_group is not None:  # every replica's share of the batch, in order
@@ -306,40 +314,21 @@ class PipelineModel(torch.nn.Module):
         dist.all_gather(parts, t.contiguous(), group=self.dp_group)
         return torch.cat(parts)
 
-    def _global_rank(self, pp_rank: int) -> int:
-        if self._pp_axis is None:
-            return self.program.rank
-        coords = list(self.program.mesh.coords(self.program.rank))
-        coords[self._pp_axis] = pp_rank
-        rank = 0
-        for c, n in zip(coords, self.program.mesh.sizes):
-            rank = rank * n + c
-        return rank
-
-
 def _grad(outputs: list, inputs: list, grads: list, retain: bool) -> list:
     if not outputs or not inputs:
         return [None] * len(inputs)
     return list(torch.autograd.grad(outputs, inputs, grads, retain_graph=retain, allow_unused=True))
 
 
-def pipeline_model(program: Program, device_mesh: Any, schedule: Schedule, timeout: float | None = None
-                   ) -> PipelineModel:
+def pipeline_model(program: Program, device_mesh: Any, schedule: Schedule, backend: str = "aten",
+                   timeout: float | None = None) -> PipelineModel:
     """What `meshc.compile` returns for a mesh with a `pp` dim: ranks check they compiled the same
-    plan; with a `tp` dim the local shards are cut and collectives bound first (`prepare_rank`)."""
-    from meshc.runtime.sharded import check_same_plan, prepare_rank
+    program and the mesh's process groups are bound (`meshc.runtime.mesh.bind`), then this rank's
+    stages are lowered."""
+    from meshc.runtime.mesh import bind
 
-    if program.mesh.dim_size("tp") > 1:
-        program = prepare_rank(program, device_mesh)
-    else:  # nothing to shard: compare the graphs (and their stages) only
-        check_same_plan(dataclasses.replace(program, plan=None))
-    stages = [n.meta.get("meshc_stage") for n in program.graph.nodes]
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, hashlib.sha1(repr(stages).encode()).hexdigest()[:12])
-    if len(set(everyone)) > 1:
-        raise MeshError(f"ranks assigned different pipeline stages (stage hashes per rank: {everyone}); every rank "
-                        f"must compile the same model, inputs, mesh and pipeline")
-    pipe = PipelineModel(program, schedule, device_mesh, timeout=timeout)
+    bind(program, device_mesh)
+    pipe = PipelineModel(program, schedule, device_mesh, backend=backend, timeout=timeout)
     # keep only what this rank's stages read (and shared weights, whose gradients it sums): the
     # rest is released here, and `meshc.load_checkpoint(pipe, folder)` reads only these tensors
     keep = set(pipe._state) | {n for group in pipe.split.shared_state for n in group}

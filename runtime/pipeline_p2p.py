@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from meshc.errors import InputError, MeshError
 from meshc.program import Program
-from meshc.runtime.pipeline_stages import Boundary
 from meshc.schedules import Action
+from meshc.stages import Boundary
 
 
 def microbatch(t: Any, m: int, i: int, what: str, parts: str = "") -> Any:
@@ -99,7 +99,14 @@ class Exchange:
     def _peer(self, kind: str, stage: int) -> int:
         """Global rank of the sender of a value entering `stage`."""
         src = stage - 1 if kind == "act" else stage + 1
-        return self.model._global_rank(self.model.schedule.stage_rank(src))
+        return self._rank_of(self.model.schedule.stage_rank(src))
+
+    def _rank_of(self, pp_rank: int) -> int:
+        """Global rank of pipeline rank `pp_rank` with this rank's other coordinates."""
+        from meshc.mesh import PP
+
+        mesh = self.model.program.mesh
+        return mesh.with_coord(self.me, PP, pp_rank) if mesh.pp > 1 else self.me
 
     def _tag(self, kind: str, stage: int, mb: int, i: int) -> int:
         return (((stage * self.m + mb) * 2 + (kind == "grad")) * self.width) + i
@@ -136,7 +143,7 @@ class Exchange:
     def send(self, kind: str, stage: int, mb: int, values: list) -> None:
         """Send the values entering `stage` (activations: all of stage-1's outputs; gradients: one per
         requires-grad boundary value)."""
-        dst = self.model._global_rank(self.model.schedule.stage_rank(stage))
+        dst = self._rank_of(self.model.schedule.stage_rank(stage))
         if dst == self.me:
             self.box[kind, stage, mb] = [v.detach() if isinstance(v, torch.Tensor) else v for v in values]
             return

@@ -102,7 +102,7 @@ def run_schedule(model: str, mesh: str, schedule: str, microbatches: int, virtua
     from meshc.runtime.launch import launch
     from meshc.schedules import build_schedule
 
-    sched = build_schedule(schedule, MeshSpec.parse(mesh).dim_size("pp"), microbatches, virtual)  # fails first
+    sched = build_schedule(schedule, MeshSpec.parse(mesh).pp, microbatches, virtual)  # fails first
     results = launch(_run_rank, mesh, model, schedule, microbatches, virtual, steps, batch or 2 * microbatches, seq,
                      timeout=timeout)
     traces = [r[0] for r in results]

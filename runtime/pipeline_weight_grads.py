@@ -1,74 +1,19 @@
 """Zero-bubble's W: weight gradients from the gradient of each weight reader's output.
 
-Entry points: `with_weight_outputs(stage, trainable) -> WeightReaders | None` (a copy of a stage
-graph that also returns, for every node reading a trainable weight, its output q and its other
-arguments) and `weight_grads(reader, argvals, dq) -> {placeholder: grad} | None`.
-
-How the runtime uses it: I asks autograd for the stage inputs' gradients and for dq of every
-reader (graph kept); W then computes each weight's gradient from (dq, the reader's saved
-arguments) with the formula in `VJPS` - the weight-gradient matmuls only, no second pass over the
-stage - or, for an op without a formula, with autograd on that one reader. This is exact only when
-each weight has a single reader in the stage; otherwise `with_weight_outputs` returns None and W
-differentiates the whole stage w.r.t. its weights again.
-
-Never changes what a stage computes: the extra outputs are values the graph already has.
+Entry point: `weight_grads(reader, argvals, dq) -> {placeholder: grad} | None`. The stage graphs
+return each reader's output and arguments (the `weight_grad_outputs` pass made them so); I asks
+autograd for the stage inputs' gradients and for dq of every reader (graph kept); W then computes
+each weight's gradient from (dq, the reader's saved arguments) with the formula in `VJPS` - the
+weight-gradient matmuls only, no second pass over the stage - or, for an op without a formula,
+with autograd on that one reader. Arithmetic on tensors only: no graph is built here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-import torch.fx as fx
-from meshc.runtime.pipeline_stages import StageGraph
+from meshc.stages import Reader
 
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class Reader:
-    target: Any
-    args: tuple                          # ("slot", k): argvals[k]; anything else: a constant
-    kwargs: dict
-    weights: tuple[tuple[int, str], ...]  # (argument position, state placeholder name)
-
-
-@dataclass(frozen=True)
-class WeightReaders:
-    gm: fx.GraphModule                   # returns (*stage outputs, *q per reader, *argvals)
-    readers: tuple[Reader, ...]
-    num_argvals: int
-
-
-def with_weight_outputs(st: StageGraph, trainable: set[str]) -> WeightReaders | None:
-    graph = fx.Graph()
-    out = graph.graph_copy(st.gm.graph, {})
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    by_reader: dict[fx.Node, list[str]] = {}
-    for k, name in enumerate(st.state):
-        if name not in trainable:
-            continue
-        ph = phs[len(st.recv) + k]
-        if len(ph.users) != 1 or not isinstance(next(iter(ph.users)).meta.get("val"), torch.Tensor):
-            return None  # read twice (the local vjp is not the whole gradient) or a multi-output reader
-        by_reader.setdefault(next(iter(ph.users)), []).append(name)
-    slots: list[fx.Node] = []
-    readers = []
-    for node, names in by_reader.items():
-        weight_of = {phs[len(st.recv) + st.state.index(n)]: n for n in names}
-        args, weights = [], []
-        for i, a in enumerate(node.args):
-            if isinstance(a, fx.Node):
-                if a in weight_of:
-                    weights.append((i, weight_of[a]))
-                slots.append(a)
-                args.append(("slot", len(slots) - 1))
-            else:
-                args.append(a)
-        readers.append(Reader(node.target, tuple(args), dict(node.kwargs), tuple(weights)))
-    graph.output((*out, *by_reader, *slots))
-    return WeightReaders(fx.GraphModule(st.gm, graph), tuple(readers), len(slots))
 
 
 def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -18,15 +18,10 @@ import torch
 def run_on_mesh(model: str, mesh: str, plan: Any = "auto", batch: int = 2, seqs: tuple[int, ...] = (16, 33),
                 iters: int = 5, timeout: float = 120.0, show_program: bool = False, pipeline: str = "default",
                 microbatches: int = 0) -> dict:
-    """microbatches (meshes with a `pp` dim): 0 = the most, up to 2 per stage, that divide the
-    batch (of each data-parallel replica)."""
-    from meshc.mesh import MeshSpec
+    """microbatches (meshes with a `pp` dim): 0 = `meshc.compile`'s default (the most, up to 2
+    per stage, that divide the batch of each data-parallel replica)."""
     from meshc.runtime.launch import launch
 
-    spec = MeshSpec.parse(mesh)
-    pp, share = spec.dim_size("pp"), max(batch // spec.dim_size("dp"), 1)  # each dp replica's batch
-    if pp > 1 and not microbatches:
-        microbatches = max(d for d in range(1, 2 * pp + 1) if share % d == 0)
     results = launch(_rank_main, mesh, model, plan, batch, tuple(seqs), iters, show_program, pipeline,
                      microbatches, timeout=timeout)
     report = dict(results[0])

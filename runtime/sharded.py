@@ -1,37 +1,39 @@
-"""Run one rank's local program: bind its collectives to process groups, hold only its shards.
+"""A rank's process groups and its shards of the weights.
 
-Entry points: `device_mesh_for(spec)` (the torch DeviceMesh of this process for a MeshSpec),
-`prepare_rank(program, device_mesh) -> Program` (local state + bound groups, after the plan hash
-check), `load_checkpoint(compiled, path)` (each rank reads only its slices from safetensors).
-
-Never hangs: the plan-hash exchange runs on the default group, whose timeout `launch` sets; a rank
-that disagrees about the plan stops every rank with an error naming the ranks.
+Entry points: `device_mesh_for(spec)` (the torch DeviceMesh of this process for a MeshSpec: the
+one place a DeviceMesh is built), `load_checkpoint(compiled, path)` (each rank reads only its
+slices from safetensors), `local_state_bytes(compiled)`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from meshc.collectives import collective_name
 from meshc.errors import MeshError
 from meshc.mesh import MeshSpec
-from meshc.placement import local_shape, local_shard
-from meshc.program import Program
+from meshc.placement import local_shape
 
 
-def device_mesh_for(spec: MeshSpec, mesh: Any = None):
+def device_mesh_for(spec: MeshSpec, mesh: Any = None, model: str | None = None, timeout: float | None = None):
     """The DeviceMesh to run `spec` on: `mesh` itself if it is one, else one built on the default
-    process group (which `meshc.launch` or torchrun must have started)."""
+    process group — started by `meshc.launch`, by the caller, or here from torchrun's environment
+    (with `timeout` seconds per collective; default `launch.DEFAULT_TIMEOUT_S`). `model` is the
+    model spec the error hint names (`meshc run MODEL ...`) when no processes were started."""
+    from meshc.runtime.launch import DEFAULT_TIMEOUT_S, init_from_torchrun, started_by_torchrun
+
     if type(mesh).__name__ == "DeviceMesh":
         return mesh
+    if not dist.is_initialized() and started_by_torchrun():
+        init_from_torchrun(DEFAULT_TIMEOUT_S if timeout is None else timeout)
     if not dist.is_initialized():
         raise MeshError(
             f"mesh '{spec}' has {spec.size} devices, so it needs {spec.size} processes. Run the compile inside "
             f"meshc.launch(fn, '{spec}') or under torchrun --nproc-per-node {spec.size}, or try it from the "
-            f"shell with `meshc run MODEL --mesh {spec}`.")
+            f"shell with `meshc run {model or 'MODEL'} --mesh {spec}`.")
     world = dist.get_world_size()
     if world != spec.size:
         raise MeshError(f"mesh '{spec}' has {spec.size} devices but the process group has {world} ranks; "
@@ -40,44 +42,6 @@ def device_mesh_for(spec: MeshSpec, mesh: Any = None):
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return init_device_mesh(device, spec.sizes, mesh_dim_names=spec.names)
-
-
-def prepare_rank(program: Program, device_mesh) -> Program:
-    """This rank's runnable Program: state sliced to the local shards, collectives bound to the
-    mesh's process groups. Checks first that every rank compiled the same plan."""
-    check_same_plan(program)
-    out = program.clone()
-    groups = {name: device_mesh.get_group(name).group_name for name in program.mesh.names}
-    for node in out.graph.nodes:
-        if collective_name(node):
-            node.args = (*node.args[:-1], groups[node.args[-1]])
-    out.gm.recompile()
-    coords = program.mesh.coords(program.rank)
-    shared: dict[int, torch.Tensor] = {}  # tied weights stay one tensor on the rank too
-    for node in out.placeholders():
-        full = out.state.get(node.name)
-        if full is None:
-            continue
-        pls = node.meta.get("meshc_placement") or ()
-        key = id(full)
-        if key not in shared:
-            shared[key] = full if full.is_meta else local_shard(full, pls, coords, program.mesh.sizes).clone()
-        out.state[node.name] = shared[key]
-    return out
-
-
-def check_same_plan(program: Program) -> None:
-    """All ranks exchange (plan hash, graph size); any difference is an error naming the ranks."""
-    mine = f"{program.plan.hash() if program.plan is not None else '-'}:{program.num_nodes()}"
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if len(set(everyone)) > 1:
-        by_value: dict[str, list[int]] = {}
-        for r, v in enumerate(everyone):
-            by_value.setdefault(v, []).append(r)
-        detail = "; ".join(f"ranks {rs}: plan {v}" for v, rs in by_value.items())
-        raise MeshError(f"ranks compiled different plans ({detail}). Every rank must compile the same model, "
-                        f"inputs, mesh and plan.")
 
 
 def local_state_bytes(compiled) -> int:
@@ -89,7 +53,9 @@ def local_state_bytes(compiled) -> int:
 def load_checkpoint(compiled, path: str | Path) -> None:
     """Fill a compiled model's state from safetensors file(s) in `path` (a Hugging Face folder or
     one file), reading only this rank's slice of every tensor. Tied weights read the key that
-    exists (e.g. GPT-2's lm_head from the embedding)."""
+    exists (e.g. GPT-2's lm_head from the embedding); Hugging Face's key renames for the model class
+    apply (e.g. GPT-NeoX saves `lm_head` as `embed_out`). Buffers no checkpoint holds (rotary
+    `inv_freq`, ...) were recomputed at capture (`meshc.meta_buffers`) and are kept."""
     from safetensors import safe_open
 
     program = compiled.program
@@ -100,6 +66,7 @@ def load_checkpoint(compiled, path: str | Path) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             index.update({k: f for k in h.keys()})
+    renamed = _hf_renames(program.model_name, path, index)
     coords = program.mesh.coords(program.rank)
     tied = {name: group for group in program.tied_groups() for name in group}
     loaded: dict[str, torch.Tensor] = {}
@@ -108,10 +75,10 @@ def load_checkpoint(compiled, path: str | Path) -> None:
             continue
         names = [node.name, *tied.get(node.name, [])]
         fqns = [program.fqn(n) for n in names]
-        key = next((f for f in fqns if f in index), None)
+        key = next((f for f in fqns if f in index), None) or next((renamed[f] for f in fqns if f in renamed), None)
         if key is None:
             if program.state[node.name].is_meta:
-                raise MeshError(f"checkpoint {path} has no tensor {fqns[0]} (and it was captured on 'meta')")
+                raise MeshError(_missing_tensor(path, fqns[0], node.meta["meshc_input"]))
             continue
         if key not in loaded:
             with safe_open(str(index[key]), framework="pt") as h:
@@ -124,6 +91,35 @@ def load_checkpoint(compiled, path: str | Path) -> None:
                         f"or add them to the checkpoint.")
     compiled.rebind()
 
+
+def _missing_tensor(path, fqn: str, kind: str) -> str:
+    if kind == "buffer":
+        return (f"checkpoint {path} has no tensor {fqn}, a buffer of a model captured on 'meta', and meshc could not "
+                f"recompute it at capture (its module's initialiser - Hugging Face `_init_weights` or "
+                f"`reset_parameters()` - does not write it). Build the model on a real device, or add {fqn} to the "
+                f"checkpoint.")
+    return (f"checkpoint {path} has no tensor {fqn} (a {kind} of a model captured on 'meta', so it has no value "
+            f"yet). Check that the checkpoint belongs to this model class and config.")
+
+
+def _hf_renames(model_name: str, path, index: dict[str, Path]) -> dict[str, str]:
+    """Model key -> checkpoint key for the checkpoint keys that Hugging Face renames when it loads
+    this model class (or the folder's config `model_type`); empty without `transformers`."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return {}
+    config = Path(path) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    rules = get_checkpoint_conversion_mapping(model_name) or get_checkpoint_conversion_mapping(model_type) or []
+    out: dict[str, str] = {}
+    for rule in (r for r in rules if type(r) is WeightRenaming):
+        for key in index:
+            new, matched = rule.rename_source_key(key)
+            if matched is not None and new != key:
+                out.setdefault(new, key)
+    return out
 
 
 def _read_local(sl, node, coords, sizes) -> torch.Tensor:

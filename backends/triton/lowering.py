@@ -112,8 +112,7 @@ def lower_program(program: Program, interpret: bool, load: Callable = load_kerne
                               list(dict.fromkeys(s for s in map(source_line, region.nodes) if s)),
                               reads, writes, source))
     gm = fx.GraphModule(prog.gm, _rebuild(graph, selection.region_of, built))
-    state = [program.state[n.name] for n in program.placeholders() if n.meta["meshc_input"] != "user"]
-    return LoweredProgram(gm, state, kernels, fallbacks, interpret)
+    return LoweredProgram(gm, program.state_args(), kernels, fallbacks, interpret)
 
 
 def _rebuild(graph: fx.Graph, region_of: dict, built: dict) -> fx.Graph:

@@ -30,19 +30,18 @@ def build(device_mesh, model_name: str, batch: int = 4, seq: int = 8):
 
 
 def pipelined(device_mesh, program, schedule: str, microbatches: int, virtual: int):
-    """The Program through pipeline_partition (and spmd_partition on a tp dim), and its PipelineModel."""
+    """The Program through the pipeline the resolver gives (pipeline_partition, spmd_partition on a
+    tp dim, split_stages, ...), and its PipelineModel."""
     import meshc
+    from meshc.pipeline import resolve
     from meshc.runtime.pipeline import pipeline_model
-    from meshc.schedules import build_schedule
 
-    sched = build_schedule(schedule, program.mesh.dim_size("pp"), microbatches, virtual)
+    resolved = resolve(program.mesh, plan="megatron", schedule=schedule, microbatches=microbatches, virtual=virtual)
     program = program.clone()
     program.rank, program.plan = device_mesh.get_rank(), "megatron"
-    tp = "spmd_partition," if program.mesh.dim_size("tp") > 1 else ""
-    passes = f"pipeline_partition(virtual={virtual},schedule={schedule},microbatches={microbatches}),{tp}lint"
-    program = meshc.PassManager(passes).run(program)
-    pipe = pipeline_model(program, device_mesh, sched)  # its program keeps only this rank's state
-    return (program if program.mesh.dim_size("tp") == 1 else pipe.program), pipe
+    program = meshc.PassManager(resolved.pipeline).run(program)
+    pipe = pipeline_model(program, device_mesh, resolved.schedule)  # its program keeps only this rank's state
+    return (program if program.mesh.tp == 1 else pipe.program), pipe
 
 
 def forward_check(device_mesh, loaded, program, schedule, microbatches, virtual, pipe=None):
@@ -56,7 +55,7 @@ def forward_check(device_mesh, loaded, program, schedule, microbatches, virtual,
     with torch.no_grad():
         eager_outs = [loaded.model(ids[i * b:(i + 1) * b], use_cache=False) for i in range(microbatches)]
         eager = torch.cat([o.logits for o in eager_outs])
-        if pipe.program.mesh.dim_size("tp") > 1:
+        if pipe.program.mesh.tp > 1:
             ref = None
         elif program is None:
             ref = eager
@@ -190,7 +189,8 @@ def test_compile_on_a_pp_mesh_returns_a_pipeline_model():
     check_forward([[r[0]] for r in results])
     check_training("llama-tiny", [[r[1]] for r in results], ["zb-h1"])
     for _, _, history, error in results:
-        assert [h.split("(")[0] for h in history] == ["dce", "pipeline_partition", "lint"]
+        assert [h.split("(")[0] for h in history] == ["dce", "pipeline_partition", "split_stages",
+                                                      "weight_grad_outputs", "lint"]
         assert "batch of 6 does not divide into 4 micro-batches" in error
 
 
@@ -204,7 +204,8 @@ def test_compile_on_pp2_tp2_with_the_auto_shard_plan():
     check_training("llama-tiny", [[r[1]] for r in results], ["zb-h1"])
     for _, _, history, _ in results:
         assert [h.split("(")[0] for h in history] == ["dce", "pipeline_partition", "auto_shard", "spmd_partition",
-                                                      "lint"]
+                                                      "split_stages", "differentiable_collectives",
+                                                      "weight_grad_outputs", "lint"]
 
 
 def test_invalid_schedule_fails_before_any_process_is_needed():
@@ -216,8 +217,6 @@ def test_invalid_schedule_fails_before_any_process_is_needed():
     with pytest.raises(ScheduleError, match="multiple of pp=2"):  # not the MeshError 'needs 2 processes'
         meshc.compile(mlp.model, "pp=2", example_inputs=mlp.example_inputs, schedule="interleaved-1f1b",
                       microbatches=3, virtual=2)
-    with pytest.raises(meshc.MeshcError, match="pipeline stages run on the ATen backend only"):
-        meshc.compile(mlp.model, "pp=2", example_inputs=mlp.example_inputs, backend="triton")
 
 
 def _local_program(mesh=None, stages=2, batch=4, model="llama-tiny"):
@@ -227,7 +226,7 @@ def _local_program(mesh=None, stages=2, batch=4, model="llama-tiny"):
     lm = load_model(model, batch=batch, seq=8)
     program = meshc.capture(lm.model, lm.example_inputs, lm.example_kwargs, dynamic_shapes="auto", mesh=mesh)
     return lm, meshc.PassManager(f"dce,pipeline_partition(stages={stages},virtual={stages},"
-                                 f"schedule=interleaved-1f1b,microbatches=2)").run(program)
+                                 f"schedule=interleaved-1f1b,microbatches=2),split_stages").run(program)
 
 
 def test_misuse_is_a_clear_error_in_one_process():
@@ -250,32 +249,46 @@ def test_misuse_is_a_clear_error_in_one_process():
         pipe(ids[:3], use_cache=False)
     with pytest.raises(InputError, match="batch of 3 does not divide"):
         pipe.train_step((ids,), torch.zeros(3, 8, dtype=torch.long), loss_fn, {"use_cache": False})
-    one_stage = program.clone()
-    for n in one_stage.graph.nodes:
-        n.meta["meshc_stage"] = 0
+    one_stage = __import__("meshc").PassManager("pipeline_partition(stages=1,schedule=forward,microbatches=2),"
+                                                "split_stages").run(lm_program_without_split(program))
     with pytest.raises(ScheduleError, match="has no backward"):
         PipelineModel(one_stage, build_schedule("forward", 1, 2)).train_step((ids,), ids, loss_fn)
-    with pytest.raises(MeshError, match="carry stages 0..1 but the schedule has 1 stages"):
+    with pytest.raises(MeshError, match="the program has 2 stages but"):
         PipelineModel(program, build_schedule("1f1b", 1, 2))
     with pytest.raises(ScheduleError, match="is for pp=1 but mesh 'pp=2' has pp=2"):
         PipelineModel(program.clone().__class__(**{**program.clone().__dict__, "mesh": __import__(
             "meshc").MeshSpec.parse("pp=2")}), build_schedule("1f1b", 1, 2))
-    late = program.clone()
-    first = next(n for n in late.graph.nodes if n.op == "call_function" and n.meta.get("meshc_stage") == 0
-                 and any(u.meta.get("meshc_stage") == 0 for u in n.users))
-    first.meta["meshc_stage"] = 1
-    with pytest.raises(Exception, match="from the later stage 1"):
-        PipelineModel(late, build_schedule("interleaved-1f1b", 1, 2, virtual=2))
-    unstaged = lm_program_without_stages(program)
-    with pytest.raises(MeshError, match="run the pipeline_partition pass"):
-        PipelineModel(unstaged, build_schedule("interleaved-1f1b", 1, 2, virtual=2))
+    unsplit = program.clone()
+    unsplit.split = None
+    with pytest.raises(MeshError, match="run the passes pipeline_partition and split_stages first"):
+        PipelineModel(unsplit, build_schedule("interleaved-1f1b", 1, 2, virtual=2))
 
 
-def lm_program_without_stages(program):
+def lm_program_without_split(program):
     out = program.clone()
+    out.split = None
     for n in out.graph.nodes:
         n.meta.pop("meshc_stage", None)
     return out
+
+
+def test_split_stages_errors_name_the_cause():
+    import meshc
+    from meshc.errors import PassError
+
+    _, program = _local_program()
+    late = program.clone()
+    late.split = None
+    first = next(n for n in late.graph.nodes if n.op == "call_function" and n.meta.get("meshc_stage") == 0
+                 and any(u.meta.get("meshc_stage") == 0 for u in n.users))
+    first.meta["meshc_stage"] = 1
+    with pytest.raises(PassError, match="from the later stage 1"):
+        meshc.PassManager("split_stages").run(late)
+    unstaged = late.clone()
+    for n in unstaged.graph.nodes:
+        n.meta.pop("meshc_stage", None)
+    with pytest.raises(PassError, match="run the pipeline_partition pass"):
+        meshc.PassManager("split_stages").run(unstaged)
 
 
 def test_dp_pp_tp_mesh_or_a_tp_that_cannot_shard_is_an_error():

@@ -1,0 +1,60 @@
+"""The one binding point between compiled Programs and torch.distributed's process groups.
+
+Entry point: `bind(program, device_mesh)`: every rank checks that all ranks compiled the same
+program (plan hash, graph size, pipeline stages), then each mesh dim's process group is registered
+under the name the program's collectives use (`MeshSpec.group_name`, e.g. 'tp@dp=2,tp=2'). No
+graph is rewritten: the Program `meshc show` prints is the one that runs.
+
+Never hangs: the exchange runs on the default group, whose timeout `launch` (or torchrun's
+set-up in `device_mesh_for`) sets; a rank that disagrees stops every rank with an error naming the
+ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch.distributed as dist
+from meshc.errors import MeshError
+from meshc.program import Program
+
+
+def bind(program: Program, device_mesh) -> None:
+    check_same_program(program)
+    bind_groups(program.mesh, device_mesh)
+
+
+def bind_groups(spec, device_mesh) -> None:
+    """Register the process group of every dim of `spec` under `spec.group_name(dim)`."""
+    from torch._C._distributed_c10d import _register_process_group, _unregister_process_group
+
+    for name in spec.names:
+        group = device_mesh.get_group(name)
+        key = spec.group_name(name)
+        try:
+            _unregister_process_group(key)  # a compile before this one bound the same name
+        except Exception:  # noqa: BLE001 - not registered yet
+            pass
+        _register_process_group(key, group)
+
+
+def program_fingerprint(program: Program) -> str:
+    """What every rank must agree on: the plan, the graph size and the pipeline stages."""
+    plan = program.plan.hash() if hasattr(program.plan, "hash") else "-"
+    stages = [n.meta.get("meshc_stage") for n in program.graph.nodes]
+    return f"{plan}:{program.num_nodes()}:{hashlib.sha1(repr(stages).encode()).hexdigest()[:12]}"
+
+
+def check_same_program(program: Program) -> None:
+    """All ranks exchange `program_fingerprint`; any difference is an error naming the ranks."""
+    mine = program_fingerprint(program)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) > 1:
+        by_value: dict[str, list[int]] = {}
+        for r, v in enumerate(everyone):
+            by_value.setdefault(v, []).append(r)
+        detail = "; ".join(f"ranks {rs}: plan:nodes:stages {v}" for v, rs in by_value.items())
+        raise MeshError(f"ranks compiled different programs ({detail}). Every rank must compile the same model, "
+                        f"inputs, mesh, plan and pipeline.")
