@@ -54,7 +54,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     resolved = resolve(spec, pipeline, plan, schedule, microbatches, virtual, batch)
     device_mesh = None
     if spec.size > 1:
-        from meshc.runtime.sharded import device_mesh_for
+        from meshc.runtime.mesh import device_mesh_for
 
         device_mesh = device_mesh_for(spec, mesh)
     manager = PassManager(resolved.pipeline, instruments=[*instruments, timings := Timings()])

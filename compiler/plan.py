@@ -17,6 +17,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import operator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from meshc.errors import MeshError
 from meshc.mesh import DP, MeshSpec
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, parse_placement
 from meshc.program import Program
+from meshc.redistribute import shardable
 
 aten = torch.ops.aten
 #: (op, input-activation arg index, weight arg index, weight dim holding the output features)
@@ -54,6 +57,8 @@ class Plan:
     params: dict[str, tuple[Placement, ...]] = field(default_factory=dict)
     inputs: dict[str, tuple[Placement, ...]] = field(default_factory=dict)
     source: str = "custom"
+    #: why parts of the model stay replicated (not part of the plan's identity): one line each
+    unsharded: list[str] = field(default_factory=list, compare=False)
 
     def for_param(self, fqn: str) -> tuple[Placement, ...]:
         return self.params.get(fqn, self.replicated())
@@ -147,7 +152,9 @@ def make_plan(spec: Any, program: Program, mesh: MeshSpec) -> Plan:
     if spec is None or spec == "replicate":
         return plan
     if spec == "megatron":
-        for fqn, p in megatron_placements(program).items():
+        n = mesh.sizes[mesh.tp_index] if mesh.tp_index is not None else 1
+        placements, plan.unsharded = megatron_placements(program, n)
+        for fqn, p in placements.items():
             plan.params[fqn] = _on_tp(mesh, p)
         return plan
     if not isinstance(spec, dict):
@@ -242,11 +249,29 @@ def find_megatron_pairs(program: Program) -> list[tuple[list[fx.Node], list[fx.N
     return groups
 
 
-def megatron_placements(program: Program) -> dict[str, Placement]:
-    """Parameter FQN -> placement on the tensor-parallel dim for every Megatron pair found."""
+def megatron_placements(program: Program, n: int = 1) -> tuple[dict[str, Placement], list[str]]:
+    """Parameter FQN -> placement on the tensor-parallel dim (of size n) for every Megatron pair
+    found, and why some stay replicated. Shard what divides, replicate what does not
+    (`meshc.redistribute.shardable`): a column shards only if n divides its features and, when its
+    output is viewed as attention heads, its head count; a multi-query / grouped K or V whose heads
+    n does not divide stays replicated beside sharded queries (as Megatron does). A pair none of
+    whose columns shards stays replicated whole."""
     out: dict[str, Placement] = {}
+    unsharded: dict[str, str] = {}  # pattern ('model.layers.*.self_attn.k_proj') -> why
     for cols, rows in find_megatron_pairs(program):
+        ok = []
         for col in cols:
+            why = _why_not_shardable(col, n)
+            if why:
+                unsharded.setdefault(_pattern(linear_weight(col).meta["meshc_name"]), why)
+            else:
+                ok.append(col)
+        if not ok:
+            for row in rows:
+                unsharded.setdefault(_pattern(linear_weight(row).meta["meshc_name"]),
+                                     "its column(s) cannot shard, so the pair stays replicated")
+            continue
+        for col in ok:
             _, w_idx, out_dim = LINEAR_OPS[col.target]
             groups = _split_groups(col)
             out[linear_weight(col).meta["meshc_name"]] = (
@@ -257,7 +282,94 @@ def megatron_placements(program: Program) -> dict[str, Placement]:
         for row in rows:
             _, _, out_dim = LINEAR_OPS[row.target]
             out[linear_weight(row).meta["meshc_name"]] = Shard(1 - out_dim)
+    return out, [f"{p}: {why}" for p, why in unsharded.items()]
+
+
+def unsharded_report(program: Program, plan: Plan) -> str | None:
+    """One line naming the Megatron-pair layers `plan` leaves replicated on the tensor-parallel dim
+    and why, the per-rank parameter bytes, and the tp sizes that would shard more; None if the
+    plan shards every pair (or the mesh has no tp dim)."""
+    from meshc.cost_model import value_bytes
+
+    d = plan.mesh.tp_index
+    n = plan.mesh.sizes[d] if d is not None else 1
+    if n <= 1:
+        return None
+    why: dict[str, str] = {}
+    for cols, rows in find_megatron_pairs(program):
+        reasons = {c: _why_not_shardable(c, n) for c in cols}
+        for lin in [*cols, *rows]:
+            fqn = linear_weight(lin).meta["meshc_name"]
+            if isinstance(plan.for_param(fqn)[d], Replicate):
+                because = reasons.get(lin) or ("its column(s) cannot shard" if all(reasons.values())
+                                               else "the plan keeps it replicated")
+                why.setdefault(_pattern(fqn), because)
+    if not why:
+        return None
+    params = program.placeholders("parameter")
+    per_rank = sum(value_bytes(p) / _shards(plan.for_param(p.meta["meshc_name"]), plan.mesh) for p in params)
+    total = sum(value_bytes(p) for p in params)
+    count = lambda m: sum(not _why_not_shardable(c, m) for cols, _ in find_megatron_pairs(program) for c in cols)  # noqa: E731
+    better = [m for m in (2, 3, 4, 6, 8, 12, 16) if m != n and count(m) > count(n)]
+    name = plan.mesh.names[d]
+    return (f"on mesh dim '{name}'={n} the plan leaves replicated: "
+            + "; ".join(f"{k} ({v})" for k, v in why.items())
+            + f". Parameters per rank: {per_rank / 2**20:.2f} of {total / 2**20:.2f} MiB"
+            + (f"; {name} sizes that would shard more: {', '.join(map(str, better))}" if better else ""))
+
+
+def _shards(placements: tuple[Placement, ...], mesh: MeshSpec) -> int:
+    out = 1
+    for p, m in zip(placements, mesh.sizes):
+        out *= m if isinstance(p, Shard) else 1
     return out
+
+
+def _pattern(fqn: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers.*.mlp.up_proj' (one line per repeated module)."""
+    return re.sub(r"\.\d+\.", ".*.", fqn.rsplit(".", 1)[0])
+
+
+def _why_not_shardable(col: fx.Node, n: int) -> str | None:
+    """None if mesh size n can shard this column linear; else the sizes that do not divide."""
+    if n <= 1:
+        return None
+    per = col.meta["val"].shape[-1] // _split_groups(col)
+    heads = attention_heads(col)
+    bad = [f"{h} head{'s' if h != 1 else ''}" for h in sorted(set(heads)) if not shardable(h, n)]
+    if not shardable(per, n):
+        bad.append(f"{per} features")
+    return f"{n} does not divide {' or '.join(bad)}" if bad else None
+
+
+def attention_heads(col: fx.Node) -> list[int]:
+    """Head counts H where the column's output (per fused group) is viewed as [..., H, head_dim]
+    on its way to attention; empty if it never is (an MLP)."""
+    groups = _split_groups(col)
+    size = col.meta["val"].shape[-1]
+    if not isinstance(size, int):
+        return []
+    per = size // groups
+    found, frontier, seen = [], [col], set()
+    through = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.add.Tensor,
+               aten.split.Tensor, aten.split_with_sizes.default, operator.getitem)
+    for _ in range(6):
+        nxt = []
+        for node in frontier:
+            for u in node.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                val = u.meta.get("val")
+                shape = list(val.shape) if isinstance(val, torch.Tensor) else []
+                if (u.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+                        and len(shape) >= 3 and all(isinstance(d, int) for d in shape[-2:])
+                        and shape[-2] * shape[-1] == per):
+                    found.append(shape[-2])
+                elif u.target in through:
+                    nxt.append(u)
+        frontier = nxt
+    return found
 
 
 def _bias(node: fx.Node) -> fx.Node | None:

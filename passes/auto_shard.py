@@ -263,17 +263,17 @@ def _infeasible(program, dim, pins, run, limit, divisor, opts, time_limit) -> st
 
 def default_budget(program: Program) -> float | None:
     """Per-rank parameter bytes when none is given: on a tensor-parallel dim, what the Megatron
-    plan needs (or an even split if the graph has no Megatron pairs); otherwise unlimited."""
+    plan needs — which shards only what the mesh divides, so the budget is reachable by
+    construction (plus a relative tolerance of 1e-9, so that rounding never makes it infeasible);
+    otherwise unlimited."""
     d = program.mesh.tp_index
     if d is None:
         return None
-    params = program.placeholders("parameter")
     megatron = make_plan("megatron", program, program.mesh)
     n = program.mesh.sizes[d]
-    if not megatron.params:
-        return sum(value_bytes(p) for p in params) / n
-    return sum(value_bytes(p) / (1 if isinstance(megatron.for_param(p.meta["meshc_name"])[d], Replicate) else n)
-               for p in params)
+    need = sum(value_bytes(p) / (1 if isinstance(megatron.for_param(p.meta["meshc_name"])[d], Replicate) else n)
+               for p in program.placeholders("parameter"))
+    return need * (1 + 1e-9) + 1
 
 
 @register_pass("auto_shard", preserves_semantics=True,

@@ -39,7 +39,7 @@ from meshc.errors import MeshError, NodeError, at_node
 from meshc.passes import sharding_rules as rules
 from meshc.pipeline import register_pass
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, local_shape, local_shard
-from meshc.plan import Plan, make_plan
+from meshc.plan import Plan, make_plan, unsharded_report
 from meshc.program import Program
 from meshc.redistribute import plan_steps, steps
 from torch._guards import detect_fake_mode
@@ -58,6 +58,7 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
         return program
     the_plan = make_plan(plan or program.plan or "megatron", program, mesh)
     _check_plan(program, the_plan)
+    unsharded = unsharded_report(program, the_plan)  # on the global graph, before emission
     split_biases(program, the_plan)
     placements, needs, fallbacks = _propagate(program, the_plan)
     program.gm = schedule_waits_late(_Emitter(program, placements, needs).emit())
@@ -68,6 +69,8 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
     program.notes.append(f"spmd_partition: plan '{the_plan.source}' (hash {the_plan.hash()}) on mesh '{mesh}', "
                          f"rank {program.rank}; collectives per forward: "
                          + (", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"))
+    if unsharded is not None:
+        program.notes.append(f"spmd_partition: {unsharded}")
     if fallbacks:
         program.notes.append("spmd_partition: ops with no sharding rule ran replicated: "
                              + ", ".join(sorted(fallbacks)))

@@ -220,11 +220,9 @@ def _run_rank(rank, world, spec: MeshSpec, backend, timeout, fn, args, kwargs, i
                         f"(WORLD_SIZE); start it with {spec.size} processes or change the mesh")
     _init_default_group(backend, rank, world, timeout, init_method)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
+        from meshc.runtime.mesh import device_mesh_for
 
-        device = "cuda" if backend == "nccl" else "cpu"
-        device_mesh = init_device_mesh(device, spec.sizes or (1,), mesh_dim_names=spec.names or ("world",))
-        return fn(device_mesh, *args, **kwargs)
+        return fn(device_mesh_for(spec), *args, **kwargs)
     finally:
         dist.destroy_process_group()
 

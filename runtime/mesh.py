@@ -1,6 +1,8 @@
 """The one binding point between compiled Programs and torch.distributed's process groups.
 
-Entry point: `bind(program, device_mesh)`: every rank checks that all ranks compiled the same
+Entry points: `device_mesh_for(spec, mesh=None)` — the one function that builds a DeviceMesh
+(on the default process group that `meshc.launch`, the caller or torchrun's environment starts) —
+and `bind(program, device_mesh)`: every rank checks that all ranks compiled the same
 program (plan hash, graph size, pipeline stages), then each mesh dim's process group is registered
 under the name the program's collectives use (`MeshSpec.group_name`, e.g. 'tp@dp=2,tp=2'). No
 graph is rewritten: the Program `meshc show` prints is the one that runs.
@@ -17,7 +19,34 @@ from typing import Any
 
 import torch.distributed as dist
 from meshc.errors import MeshError
+from meshc.mesh import MeshSpec
 from meshc.program import Program
+
+
+def device_mesh_for(spec: MeshSpec, mesh: Any = None, model: str | None = None, timeout: float | None = None):
+    """The DeviceMesh to run `spec` on: `mesh` itself if it is one, else one built on the default
+    process group — started by `meshc.launch`, by the caller, or here from torchrun's environment
+    (with `timeout` seconds per collective; default `launch.DEFAULT_TIMEOUT_S`). `model` is the
+    model spec the error hint names (`meshc run MODEL ...`) when no processes were started."""
+    from meshc.runtime.launch import DEFAULT_TIMEOUT_S, init_from_torchrun, started_by_torchrun
+
+    if type(mesh).__name__ == "DeviceMesh":
+        return mesh
+    if not dist.is_initialized() and started_by_torchrun():
+        init_from_torchrun(DEFAULT_TIMEOUT_S if timeout is None else timeout)
+    if not dist.is_initialized():
+        raise MeshError(
+            f"mesh '{spec}' has {spec.size} devices, so it needs {spec.size} processes. Run the compile inside "
+            f"meshc.launch(fn, '{spec}') or under torchrun --nproc-per-node {spec.size}, or try it from the "
+            f"shell with `meshc run {model or 'MODEL'} --mesh {spec}`.")
+    world = dist.get_world_size()
+    if world != spec.size:
+        raise MeshError(f"mesh '{spec}' has {spec.size} devices but the process group has {world} ranks; "
+                        f"launch {spec.size} processes or use a mesh of size {world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device, spec.sizes or (1,), mesh_dim_names=spec.names or ("world",))
 
 
 def bind(program: Program, device_mesh) -> None:

@@ -1,47 +1,18 @@
 """A rank's process groups and its shards of the weights.
 
-Entry points: `device_mesh_for(spec)` (the torch DeviceMesh of this process for a MeshSpec: the
-one place a DeviceMesh is built), `load_checkpoint(compiled, path)` (each rank reads only its
-slices from safetensors), `local_state_bytes(compiled)`.
+Entry points: `load_checkpoint(compiled, path)` (each rank reads only its slices from
+safetensors), `local_state_bytes(compiled)`. The DeviceMesh itself is built in
+`meshc.runtime.mesh.device_mesh_for`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 from meshc.errors import MeshError
-from meshc.mesh import MeshSpec
 from meshc.placement import local_shape
-
-
-def device_mesh_for(spec: MeshSpec, mesh: Any = None, model: str | None = None, timeout: float | None = None):
-    """The DeviceMesh to run `spec` on: `mesh` itself if it is one, else one built on the default
-    process group — started by `meshc.launch`, by the caller, or here from torchrun's environment
-    (with `timeout` seconds per collective; default `launch.DEFAULT_TIMEOUT_S`). `model` is the
-    model spec the error hint names (`meshc run MODEL ...`) when no processes were started."""
-    from meshc.runtime.launch import DEFAULT_TIMEOUT_S, init_from_torchrun, started_by_torchrun
-
-    if type(mesh).__name__ == "DeviceMesh":
-        return mesh
-    if not dist.is_initialized() and started_by_torchrun():
-        init_from_torchrun(DEFAULT_TIMEOUT_S if timeout is None else timeout)
-    if not dist.is_initialized():
-        raise MeshError(
-            f"mesh '{spec}' has {spec.size} devices, so it needs {spec.size} processes. Run the compile inside "
-            f"meshc.launch(fn, '{spec}') or under torchrun --nproc-per-node {spec.size}, or try it from the "
-            f"shell with `meshc run {model or 'MODEL'} --mesh {spec}`.")
-    world = dist.get_world_size()
-    if world != spec.size:
-        raise MeshError(f"mesh '{spec}' has {spec.size} devices but the process group has {world} ranks; "
-                        f"launch {spec.size} processes or use a mesh of size {world}")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    return init_device_mesh(device, spec.sizes, mesh_dim_names=spec.names)
 
 
 def local_state_bytes(compiled) -> int:

@@ -94,7 +94,7 @@ def test_a_failed_pass_replays_with_the_programs_model_without_the_cli(mlp_on_tp
 
 def test_needing_processes_names_the_model_when_known(monkeypatch):
     from meshc.mesh import MeshSpec
-    from meshc.runtime.sharded import device_mesh_for
+    from meshc.runtime.mesh import device_mesh_for
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

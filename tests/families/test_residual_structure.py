@@ -64,7 +64,7 @@ def ladder_reference(model, ids, selected: set[int], delay: int = 1) -> torch.Te
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("family", ["gptneox-tiny", "gptj-tiny", "falcon-tiny"])
 def test_parallel_blocks_are_one_sub_layer_per_layer(family):
-    model = _model(family, num_hidden_layers=4, n_layer=4)
+    model = _model(family, num_hidden_layers=4)
     program = _capture(model)
     stream = find_residual_stream(program)
     assert stream.layers() == [[1], [2], [3], [4]]

@@ -57,7 +57,8 @@ def _compile_with_rank_dependent_plan(device_mesh):
 
 @pytest.mark.timeout(120)
 def test_ranks_that_compiled_different_plans_fail_naming_the_ranks():
-    with pytest.raises(LaunchError, match=r"ranks compiled different programs \(ranks \[0\]: plan:nodes:stages .*; ranks \[1\]"):
+    with pytest.raises(LaunchError, match=r"ranks compiled different programs \(ranks \[0\]: plan:nodes:stages "
+                                          r".*; ranks \[1\]"):
         launch(_compile_with_rank_dependent_plan, "tp=2", timeout=60)
 
 
