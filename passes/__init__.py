@@ -2,7 +2,10 @@
 
 A pass is `fn(program, **options) -> Program`; it may rewrite the clone it is given, never
 imports the runtime, and when it cannot apply it raises an error naming the node and pattern.
-Importing this package registers every pass (see `meshc passes` for the table).
+Importing this package registers every pass (see `meshc passes` for the table). Everything that
+rewrites a graph is a pass — sharding (`auto_shard`, `spmd_partition`), pipeline stages
+(`pipeline_partition`, `split_stages`), training plumbing (`differentiable_collectives`,
+`weight_grad_outputs`) — so `meshc show --after NAME` prints every program that runs.
 """
 
 from meshc.passes import (  # noqa: F401

@@ -40,9 +40,12 @@ def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, 
     torch.set_num_threads(1)
     loaded = load_model(model, batch=batch, seq=seqs[0])
     t0 = time.perf_counter()
-    compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
-                             example_kwargs=loaded.example_kwargs, plan=plan, pipeline=pipeline,
-                             microbatches=microbatches)
+    try:
+        compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
+                                 example_kwargs=loaded.example_kwargs, plan=plan, pipeline=pipeline,
+                                 microbatches=microbatches)
+    except meshc.PassError as e:
+        raise e.replay_for(model) from e.__cause__  # the replay hint names the spec the user typed
     compile_s = time.perf_counter() - t0
     checks, times = [], []
     with torch.no_grad():
