@@ -62,22 +62,21 @@ def ladder_reference(model, ids, selected: set[int], delay: int = 1) -> torch.Te
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("family", ["gptneox-tiny", "gptj-tiny", "falcon-tiny"])
+@pytest.mark.parametrize("family", ["gptneox-tiny", pytest.param("gptj-tiny", marks=pytest.mark.slow), "falcon-tiny"])
 def test_parallel_blocks_are_one_sub_layer_per_layer(family):
-    model = _model(family, num_hidden_layers=4)
+    model = _model(family, num_hidden_layers=3)
     program = _capture(model)
     stream = find_residual_stream(program)
-    assert stream.layers() == [[1], [2], [3], [4]]
+    assert stream.layers() == [[1], [2], [3]]
     ladder = PassManager("dce,ladder_residual(layers=last:2)").run(program)
-    assert any("4 layers / 4 sub-layers" in n and "rewired sub-layers [3, 4]" in n for n in ladder.notes), ladder.notes
-    for seq in (8, 11):
-        ids = torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(seq))
-        with torch.no_grad():
-            got = ladder.run(ids, use_cache=False).logits
-            plain = model(ids, use_cache=False).logits
-        ref = ladder_reference(model, ids, selected={3, 4})
-        assert (got - ref).abs().max().item() <= 1e-5
-        assert (got - plain).abs().max().item() > 1e-4  # it really computes something else
+    assert any("3 layers / 3 sub-layers" in n and "rewired sub-layers [2, 3]" in n for n in ladder.notes), ladder.notes
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(11))  # captured at 8
+    with torch.no_grad():
+        got = ladder.run(ids, use_cache=False).logits
+        plain = model(ids, use_cache=False).logits
+    ref = ladder_reference(model, ids, selected={2, 3})
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert (got - plain).abs().max().item() > 1e-4  # it really computes something else
 
 
 @pytest.mark.timeout(120)
@@ -96,5 +95,21 @@ def test_post_norm_decoder_names_the_norm_that_breaks_the_stream():
         PassManager("ladder_residual").run(program)
     assert isinstance(info.value.__cause__, NodeError)
     text = str(info.value)
-    assert "module 'model.decoder.layers.0'" in text and "modeling_opt.py" in text, text
-    assert "layer_norm" in text, text
+    assert "%layer_norm = " in text and "module 'model.decoder.layers.0.self_attn_layer_norm'" in text, text
+    assert "modeling_opt.py" in text and "self.self_attn_layer_norm(hidden_states)" in text, text
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_that_changes_shape_is_followed_and_ladder_names_the_reshape():
+    """OPT runs its MLP on the stream flattened to [tokens, hidden]: the stream passes through that
+    reshape (so pipeline stages cut at its sub-layers), and ladder_residual, which would feed one
+    shape into the other, names the node."""
+    program = _capture(FAMILIES["opt-tiny"].build())
+    stream = find_residual_stream(program)
+    assert stream.layers() == [[1, 2], [3, 4]]
+    assert [len(x.meta["val"].shape) for x in stream.xs] == [3, 2, 3, 2, 2]  # x_4 = the last add, before the view back
+    with pytest.raises(PassError, match=r"sub-layer 2 reads the residual stream in shape .* reshapes its stream"
+                                        r"(.|\n)*at node %(view|reshape|_unsafe_view).*modeling_opt.py"):
+        PassManager("ladder_residual").run(program)
+    staged = PassManager("pipeline_partition(stages=2)").run(program)
+    assert any("residual-stream boundaries" in n for n in staged.notes), staged.notes
