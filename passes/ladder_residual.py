@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from meshc.errors import MeshcError
+from meshc.errors import MeshcError, NodeError
 from meshc.passes.residual_stream import find_residual_stream
 from meshc.pipeline import register_pass
 from meshc.program import Program
@@ -62,6 +62,11 @@ def ladder_residual(program: Program, *, layers: str = "all", delay: int = 1) ->
         old, new = stream.xs[k - 1], stream.xs[max(0, k - 1 - delay)]
         if old is new:
             continue
+        if str(old.meta["val"].shape) != str(new.meta["val"].shape):
+            raise NodeError(old, f"ladder_residual: sub-layer {k} reads the residual stream in shape "
+                                 f"{list(old.meta['val'].shape)}, but x_(k-1-{delay}) has shape "
+                                 f"{list(new.meta['val'].shape)}: the model reshapes its stream between "
+                                 f"sub-layers here, and ladder_residual rewires only a stream of one shape")
         for node in bodies[k]:
             if old in node.all_input_nodes:
                 node.replace_input_with(old, new)

@@ -32,7 +32,7 @@ aten = torch.ops.aten
 
 @dataclass
 class ResidualStream:
-    xs: list[fx.Node]  # x_0, x_1, ..., x_n: stream values (x_k = adds[k-1] for k >= 1)
+    xs: list[fx.Node]  # x_0..x_n: x_k (k < n) is what sub-layer k+1 reads and adds to; x_n = adds[-1]
     adds: list[fx.Node]  # the residual add of each sub-layer
     hs: list[fx.Node]  # the sub-layer outputs h_1..h_n added into the stream
 
@@ -128,11 +128,12 @@ def find_residual_stream(program: Program, min_length: int = 2) -> ResidualStrea
     pairs = {n: p for n in program.graph.nodes if (p := _residual_pair(n)) is not None}
     best: list[fx.Node] = []
     for start in pairs:
-        if pairs[start][0] in pairs:  # not the head of a chain
+        if _unshaped(pairs[start][0]) in pairs:  # not the head of a chain
             continue
         chain = [start]
         while True:
-            nxt = [u for u in chain[-1].users if u in pairs and pairs[u][0] is chain[-1]]
+            reach = _reshaped(chain[-1])
+            nxt = [u for r in reach for u in r.users if u in pairs and pairs[u][0] in reach]
             if len(nxt) != 1:
                 break
             chain.append(nxt[0])
@@ -152,8 +153,31 @@ def find_residual_stream(program: Program, min_length: int = 2) -> ResidualStrea
         users = ", ".join(f"%{u.name}" for u in last.users) or "nothing"
         raise NodeError(last, f"the residual stream has only {len(best)} sub-layer(s): after this add the "
                               f"stream goes to {users}, and none of them is `stream + F(stream)`")
-    xs = [pairs[best[0]][0], *best]
+    xs = [pairs[a][0] for a in best] + [best[-1]]
     return ResidualStream(xs=xs, adds=best, hs=[pairs[a][1] for a in best])
+
+
+#: Ops that only change how the stream is shaped (OPT flattens it to [tokens, hidden] for its MLP):
+#: the stream passes through them between residual adds.
+SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _reshaped(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node reached from it through shape-only ops."""
+    out, stack = {node}, [node]
+    while stack:
+        for u in stack.pop().users:
+            if u.target in SHAPE_ONLY and u not in out:
+                out.add(u)
+                stack.append(u)
+    return out
+
+
+def _unshaped(node: fx.Node) -> fx.Node:
+    """The value `node` is a (chain of) shape-only op(s) of, or `node` itself."""
+    while node.target in SHAPE_ONLY and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _post_norm(add: fx.Node, pairs: dict[fx.Node, tuple[fx.Node, fx.Node]], depth: int = 12) -> fx.Node | None:
@@ -166,5 +190,5 @@ def _post_norm(add: fx.Node, pairs: dict[fx.Node, tuple[fx.Node, fx.Node]], dept
         seen.update(frontier)
         hit = next((u for u in frontier if u in stream_inputs), None)
         if hit is not None:
-            return hit
+            return _unshaped(hit)
     return None

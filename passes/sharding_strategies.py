@@ -145,6 +145,8 @@ def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool
             continue
         if not gather_params and any(is_param(u) and key(need) != key(assumed[u]) for u, need in d.needs.items()):
             continue
+        if not _fits(node, d.out, n) or any(not _fits(u, need, n) for u, need in d.needs.items()):
+            continue  # shards a dim the mesh does not divide: spmd_partition could not build it
         comm, colls = 0.0, []
         for u, need in d.needs.items():
             have = assumed.get(u, R)
@@ -156,6 +158,17 @@ def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool
         sharded = any(p is not None and not isinstance(p, Replicate) for p in [*d.needs.values(), *outs])
         seen[k] = Strategy(assumed, dict(d.needs), d.out, t_full / n if sharded else t_full, comm, colls)
     return list(seen.values())
+
+
+def _fits(node: fx.Node, p: Any, n: int) -> bool:
+    """Whether placement `p` of node's value can be built on a mesh dim of size n: a static dim is
+    sharded only where the table's `shardable` rule allows (symbolic dims - batch, sequence - are
+    checked at run time)."""
+    val = node.meta.get("val")
+    if not isinstance(p, Shard) or not isinstance(val, torch.Tensor) or p.dim >= val.dim():
+        return True
+    size = val.shape[p.dim]
+    return not isinstance(size, int) or shardable(size, n * getattr(p, "groups", 1))
 
 
 # ---- repeated blocks -------------------------------------------------------------------------

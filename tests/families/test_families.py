@@ -13,6 +13,8 @@ fails, each case is re-run in its own launch so the failure is pinned on its fam
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from meshc.errors import MeshcError
@@ -26,9 +28,31 @@ TOL = 1e-4
 PER_MESH = 3  # families per mesh in the default suite
 SEQS = (8, 13)  # batch 2: divides dp=2 and the pp=2 micro-batches
 
-#: (family, kind, case) -> the exact error, for failures in files this test's owner may not fix
-#: (kind: "one-device", "run" on a mesh, "meta" checkpoint path).
-XFAIL: dict[tuple[str, str, str], str] = {}
+_PHI3_AUTO_PLAN = ("max abs error 0.086 vs eager with plan='auto' (plan='megatron' gives 1.8e-7): the auto "
+                   "plan computes wrong logits for Phi-3's fused qkv_proj / gate_up_proj")
+#: (family, kind, case) -> the exact failure, for failures in files this test's owner may not fix.
+#: kind: "run" (a mesh) or "meta" (checkpoint path); case: the mesh or "one-device".
+XFAIL: dict[tuple[str, str, str], str] = {
+    ("phi3-tiny", "run", "tp=2"): _PHI3_AUTO_PLAN,
+    ("phi3-tiny", "run", "dp=2,tp=2"): _PHI3_AUTO_PLAN,
+    ("phi3-tiny", "meta", "tp=2"): _PHI3_AUTO_PLAN,
+}
+#: (family, kind) -> the error a case must raise: what meshc cannot support, said clearly.
+EXPECTED_ERRORS = {
+    # Falcon's multi-query split indexes with a Python list (`fused_qkv[..., [-2], :]`): built on 'meta', that
+    # index tensor is a lifted constant on 'meta' whose value no checkpoint holds.
+    ("falcon-tiny", "meta"): r"lifted_tensor_0 is a tensor this model creates in forward(.|\n)*"
+                             r"at node %index.*modeling_falcon.py:\d+ in forward: .*_split_heads",
+}
+
+
+def check_result(family: str, kind: str, err: float | None, error: str | None) -> None:
+    """A case passes if it equals eager, or if it raised the error it must raise."""
+    if (family, kind) in EXPECTED_ERRORS:
+        assert error is not None and re.search(EXPECTED_ERRORS[(family, kind)], error), error
+        return
+    assert error is None, error
+    assert err <= TOL, (family, kind, err)
 
 
 def rotating_subset(index: int) -> set[str]:
@@ -89,7 +113,11 @@ def test_one_device_equals_eager(family, backend):
 @pytest.mark.parametrize("family, mesh", _params("meta", [("one-device", rotating_subset(2))]))
 def test_meta_checkpoint_one_device(family, mesh, tmp_path):
     FAMILIES[family].build().save_pretrained(tmp_path)
-    assert _meta_checkpoint_error(None, family, str(tmp_path)) <= TOL
+    try:
+        err, error = _meta_checkpoint_error(None, family, str(tmp_path)), None
+    except MeshcError as e:
+        err, error = None, f"{type(e).__name__}: {e}"
+    check_result(family, "meta", err, error)
 
 
 # --------------------------------------------------------------------------- meshes
@@ -212,14 +240,10 @@ def _result(request, tmp_path_factory, job: Job) -> tuple[float | None, str | No
 @pytest.mark.timeout(1800)  # the first case of a launch group runs the launch for all of them
 @pytest.mark.parametrize("family, mesh", _params("run", [(m, rotating_subset(i)) for i, m in enumerate(MESHES)]))
 def test_mesh_equals_eager(family, mesh, request, tmp_path_factory):
-    err, error = _result(request, tmp_path_factory, ("run", family, mesh))
-    assert error is None, error
-    assert err <= TOL, (family, mesh, err)
+    check_result(family, "run", *_result(request, tmp_path_factory, ("run", family, mesh)))
 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("family, mesh", _params("meta", [("tp=2", rotating_subset(1))]))
 def test_meta_checkpoint_tp2(family, mesh, request, tmp_path_factory):
-    err, error = _result(request, tmp_path_factory, ("meta", family, mesh))
-    assert error is None, error
-    assert err <= TOL, (family, mesh, err)
+    check_result(family, "meta", *_result(request, tmp_path_factory, ("meta", family, mesh)))

@@ -29,7 +29,7 @@ def _random_configs_rank(device_mesh, configs):
             out.append(("invalid", str(e)[:80]))
             continue
         program = meshc.PassManager(f"dce,pipeline_partition(virtual={v},schedule={name},microbatches={m},"
-                                    f"cuts=all)").run(captured.clone())
+                                    f"cuts=all),split_stages").run(captured.clone())
         pipe = pipeline_model(program, device_mesh, sched)
         x = torch.randn(2 * m, 4, 64, generator=torch.Generator().manual_seed(m))
         t = torch.randn(2 * m, 4, 64, generator=torch.Generator().manual_seed(m + 1))

@@ -87,9 +87,13 @@ def test_tied_weights_must_share_a_placement(gpt2):
 
 
 def test_a_size_the_mesh_does_not_divide_names_the_tensor(llama):
+    """A plan that asks to shard what the mesh does not divide is an error naming the tensor; the
+    Megatron plan shards only what divides, so on tp=3 it keeps llama-tiny replicated and says why."""
     with pytest.raises(PassError, match=r"q_proj.weight \[128, 128\]: dim 0 \(size 128\) does not divide over mesh "
                                         r"dim 'tp'=3"):
-        partition(llama, "tp=3")
+        partition(llama, "tp=3", plan={"*.q_proj.weight": "S(0)"})
+    program = partition(llama, "tp=3", plan="megatron")
+    assert "3 does not divide 8 heads or 128 features" in "\n".join(program.notes)
 
 
 def test_plan_that_matches_nothing(mlp):
