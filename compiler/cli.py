@@ -365,16 +365,18 @@ def cmd_kernels(args) -> int:
 
     _, _, programs = _programs_by_step(args)
     program = programs[-1]  # after the pipeline: rank 0's local program on a mesh
-    found = kernels(program)
+    parts = [(f"stage {st.index}: ", st.program) for st in program.split.stages] if program.split else [("", program)]
+    found = [(label, k) for label, p in parts for k in kernels(p)]
     print(f"meshc kernels {args.model} on mesh '{program.mesh}': {len(found)} generated kernels\n")
-    for k in found:
-        print(f"{k.name}  ({k.kind}; nodes: {', '.join('%' + n for n in k.nodes)})")
+    for label, k in found:
+        print(f"{label}{k.name}  ({k.kind}; nodes: {', '.join('%' + n for n in k.nodes)})")
         for line in k.source_lines:
             print(f"    {line}")
         print(f"    reads:  {', '.join(k.reads)}\n    writes: {', '.join(k.writes)}")
         if args.source:
             print("\n" + k.source)
-    print("\n".join(["", *(n for n in program.notes if n.startswith("triton backend"))]))
+    notes = [n for _, p in parts for n in p.notes if n.startswith("triton backend")]
+    print("\n".join(["", *dict.fromkeys(notes)]))
     return 0
 
 
