@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from meshc.errors import MeshError
+from meshc.errors import MeshError, NodeError
 from meshc.placement import local_shape
 
 
@@ -55,12 +55,26 @@ def load_checkpoint(compiled, path: str | Path) -> None:
             with safe_open(str(index[key]), framework="pt") as h:
                 loaded[key] = _read_local(h.get_slice(key), node, coords, program.mesh.sizes)
         program.state[node.name] = loaded[key]
+    _check_constants(program)
     missing = [program.fqn(n) for n, t in program.state.items() if t.is_meta]
     if missing:
         raise MeshError(f"after loading {path}, {len(missing)} tensor(s) are still on 'meta' (not in the checkpoint, "
                         f"e.g. non-persistent buffers): {', '.join(missing[:5])}. Build the model on a real device, "
                         f"or add them to the checkpoint.")
     compiled.rebind()
+
+
+def _check_constants(program) -> None:
+    """A constant the model makes in forward from Python data (e.g. the index tensor of
+    `x[..., [-2], :]`) lands on its weights' device; built on 'meta' its value is lost, and no
+    checkpoint holds it. Name the node that reads it and its source line."""
+    for node in program.placeholders("constant"):
+        if program.state[node.name].is_meta and node.users:
+            raise NodeError(next(iter(node.users)), (
+                f"{node.meta['meshc_name']} is a tensor this model creates in forward from Python data, on the "
+                f"device of its weights; the model was built on 'meta', so its value was never computed and no "
+                f"checkpoint holds it. Build this model on a real device (or create the tensor on the input's "
+                f"device in forward)"))
 
 
 def _missing_tensor(path, fqn: str, kind: str) -> str:

@@ -62,7 +62,8 @@ def ladder_reference(model, ids, selected: set[int], delay: int = 1) -> torch.Te
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("family", ["gptneox-tiny", pytest.param("gptj-tiny", marks=pytest.mark.slow), "falcon-tiny"])
+@pytest.mark.parametrize("family", ["gptneox-tiny", *(pytest.param(f, marks=pytest.mark.slow)
+                                                     for f in ("gptj-tiny", "falcon-tiny"))])
 def test_parallel_blocks_are_one_sub_layer_per_layer(family):
     model = _model(family, num_hidden_layers=3)
     program = _capture(model)
@@ -81,9 +82,9 @@ def test_parallel_blocks_are_one_sub_layer_per_layer(family):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("family", ["qwen2-tiny", "olmo2-tiny"])
-def test_sequential_blocks_pair_attention_and_mlp(family):
+def test_sequential_blocks_pair_attention_and_mlp(family, one_device_program):
     """Pre-norm (Qwen2) and norm-after-sub-layer (OLMo-2: x + Norm(F(x))) keep a residual stream."""
-    stream = find_residual_stream(_capture(FAMILIES[family].build()))
+    stream = find_residual_stream(one_device_program(family)[1])
     assert stream.layers() == [[1, 2], [3, 4]]
     assert [stream.attends(k) for k in (1, 2, 3, 4)] == [True, False, True, False]
 
@@ -100,11 +101,11 @@ def test_post_norm_decoder_names_the_norm_that_breaks_the_stream():
 
 
 @pytest.mark.timeout(120)
-def test_a_stream_that_changes_shape_is_followed_and_ladder_names_the_reshape():
+def test_a_stream_that_changes_shape_is_followed_and_ladder_names_the_reshape(one_device_program):
     """OPT runs its MLP on the stream flattened to [tokens, hidden]: the stream passes through that
     reshape (so pipeline stages cut at its sub-layers), and ladder_residual, which would feed one
     shape into the other, names the node."""
-    program = _capture(FAMILIES["opt-tiny"].build())
+    program = one_device_program("opt-tiny")[1]
     stream = find_residual_stream(program)
     assert stream.layers() == [[1, 2], [3, 4]]
     assert [len(x.meta["val"].shape) for x in stream.xs] == [3, 2, 3, 2, 2]  # x_4 = the last add, before the view back
