@@ -42,11 +42,14 @@ def capture(
     example_kwargs: dict | None = None,
     dynamic_shapes: Any = None,
     mesh: Any = None,
+    input_writes: bool = False,
 ) -> Program:
     """Trace `model` on the example inputs into a Program.
 
     dynamic_shapes: None (all sizes static), "auto" (every dim of every tensor input may vary;
     torch.export keeps static what the model forces static), or torch.export's own format.
+    input_writes: the model may write its tensor inputs in place (a KV cache given as inputs); the
+    writes stay in the graph as in-place ops on those placeholders (`_inplace_input_writes`).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"meshc captures torch.nn.Module instances; got {type(model).__name__}")
@@ -58,10 +61,11 @@ def capture(
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     args = () if example_inputs is None else args
     kwargs = dict(example_kwargs or {})
-    _reject_kv_cache(model, kwargs)
+    if not input_writes:
+        _reject_kv_cache(model, kwargs)
     shapes = _auto_dynamic(model, args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
     try:
-        gm, state, kinds, names, out_spec = _export(model, args, kwargs, shapes)
+        gm, state, kinds, names, out_spec = _export(model, args, kwargs, shapes, input_writes)
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001 - classified below
@@ -126,7 +130,7 @@ def _retarget_meta_factories(gm, args, kwargs) -> None:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[n.meta.get("val") for n in placeholders])
 
 
-def _export(model, args, kwargs, shapes):
+def _export(model, args, kwargs, shapes, input_writes=False):
     with warnings.catch_warnings():  # torch-internal deprecation noise from pytree, not the user's
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
@@ -152,7 +156,10 @@ def _export(model, args, kwargs, shapes):
             f"({[n for n, _ in gm.named_children()]}); meshc needs a flat graph. Remove "
             f"torch.cond / while_loop from forward, or file the model as an example."
         )
-    _check_outputs(gm, sig)
+    if input_writes:
+        _inplace_input_writes(gm, sig)
+    else:
+        _check_outputs(gm, sig)
     return gm, state, kinds, names, ep.call_spec.out_spec
 
 
@@ -164,6 +171,38 @@ def _check_outputs(gm: fx.GraphModule, sig) -> None:
             f"({[s.target for s in mutations]}); meshc compiles pure forwards. Move the update "
             "out of forward (e.g. KV-cache writes) or run the model without it."
         )
+
+
+def _inplace_input_writes(gm: fx.GraphModule, sig) -> None:
+    """torch.export returns a user input's in-place update as an extra output (the functional
+    `index_copy` of it). Put the write back in place: `index_copy` of the placeholder becomes
+    `index_copy_` (no copy of the whole tensor), anything else a final `copy_`; the extra outputs go."""
+    writes = {s.arg.name: s.target for s in sig.output_specs if s.kind.name == "USER_INPUT_MUTATION"}
+    others = [s for s in sig.output_specs if s.kind.name not in ("USER_OUTPUT", "USER_INPUT_MUTATION")]
+    if others:
+        raise CaptureError(f"the model mutates its buffers in forward ({[s.target for s in others]}); "
+                           f"meshc keeps only writes to tensor inputs (a KV cache passed as inputs).")
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    kept = []
+    for value in output.args[0]:
+        if not isinstance(value, fx.Node) or value.name not in writes:
+            kept.append(value)
+            continue
+        target = placeholders[writes[value.name]]
+        if value.target is torch.ops.aten.index_copy.default and value.args[0] is target:
+            readers = [u for u in target.users if order[u] > order[value] and u.op != "output"]
+            if readers:
+                raise CaptureError(f"input {target.name} is read ({readers[0].name}) besides being written "
+                                   f"in place by {value.name}; meshc cannot keep that write in place.")
+            value.target = torch.ops.aten.index_copy_.default
+        else:
+            with gm.graph.inserting_before(output):
+                copy = gm.graph.call_function(torch.ops.aten.copy_.default, (target, value))
+            copy.meta = dict(value.meta)
+    output.args = (tuple(kept),)
+    gm.recompile()
 
 
 def _make_fx(model, args, kwargs):

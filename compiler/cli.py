@@ -1,7 +1,7 @@
 """The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
 
 Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`,
-`schedule`, `kernels`. The CLI holds no compiler logic of its own: each command builds a pipeline string and
+`schedule`, `kernels`, `generate`. The CLI holds no compiler logic of its own: each command builds a pipeline string and
 instruments and calls the library. Errors meshc raises on purpose print as one clear message and exit with status 2
 (`MESHC_TRACEBACK=1` shows their traceback); any other exception is a bug and shows its traceback.
 """
@@ -156,7 +156,51 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seq", type=int, default=16, help="sequence length for --run (built-ins)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails --run")
     s.set_defaults(func=cmd_schedule)
+
+    s = sub.add_parser("generate", help="compile MODEL with a KV cache and generate from a prompt", epilog=EPILOG)
+    s.add_argument("model", metavar="MODEL", help=EPILOG)
+    s.add_argument("--prompt", default="def ", help="the prompt: text for reference-lm (bytes), else token ids "
+                   "'1,2,3' (default: 'def ')")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    s.add_argument("--max-cache-len", type=int, default=None, help="cache length (default: the model's, <= 2048)")
+    s.add_argument("--do-sample", action="store_true", help="sample (temperature/top-k/top-p) instead of greedy")
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0, help="torch seed for --do-sample (default 0)")
+    s.set_defaults(func=cmd_generate)
     return p
+
+
+def cmd_generate(args) -> int:
+    """Compile with a KV cache on this device, generate, print the continuation and the speed."""
+    import meshc
+    from meshc.models import load_model
+
+    byte_level = args.model == "reference-lm"
+    if byte_level:
+        from meshc.reference_lm import decode, encode
+
+        ids = encode(args.prompt).long()[None]
+    else:
+        try:
+            ids = torch.tensor([[int(t) for t in args.prompt.split(",") if t.strip()]])
+        except ValueError:
+            ids = torch.tensor([list(args.prompt.encode())])  # a random-weight tiny model: bytes as ids
+    loaded = load_model(args.model, batch=1, seq=max(2, ids.shape[1]))
+    t0 = time.perf_counter()
+    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=args.max_cache_len,
+                             generate=True)
+    print(f"compiled {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    out = compiled.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    new = out[0, ids.shape[1]:].tolist()
+    print(args.prompt + decode(new) if byte_level else " ".join(map(str, new)))
+    st = compiled.decoder.stats
+    print(f"time to first token {st.time_to_first_token_s * 1e3:.1f} ms; {st.new_tokens} new tokens; decode "
+          f"{st.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
 
 
 def cmd_passes(args) -> int:

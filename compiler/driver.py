@@ -31,6 +31,9 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     schedule: str = "1f1b",
     microbatches: int = 0,
     virtual: int = 1,
+    max_cache_len: int | None = None,
+    max_batch_size: int | None = None,
+    generate: bool | None = None,
 ):
     """Compile `model` for `mesh` and return a CompiledModel with the model's call signature.
 
@@ -45,6 +48,10 @@ def compile(  # noqa: A001 - the public name is meshc.compile
       virtual: for a mesh with a 'pp' dim, the pipeline schedule (meshc.schedules) the returned
       PipelineModel runs; validated before capture. Every stage is lowered by `backend`.
     The pipeline that runs comes from `meshc.pipeline.resolve` (what every CLI command uses too).
+    max_cache_len (default: max_position_embeddings, at most 2048), max_batch_size (default: the
+      example batch), generate (default: True when either is given): also capture a prefill and a
+      decode Program with the KV cache as inputs (`meshc.capture_decode`), through the same pipeline,
+      for `compiled.generate(...)`. A Hugging Face model is captured with use_cache=False for the forward.
     """
     from meshc.runtime.compiled_model import CompiledModel
 
@@ -59,6 +66,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
         device_mesh = device_mesh_for(spec, mesh)
     manager = PassManager(resolved.pipeline, instruments=[*instruments, timings := Timings()])
     t0 = time.perf_counter()
+    example_kwargs = _forward_without_cache(model, example_kwargs)
     program = capture(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, mesh=spec)
     t1 = time.perf_counter()
     captured_nodes = program.num_nodes()
@@ -76,6 +84,8 @@ def compile(  # noqa: A001 - the public name is meshc.compile
 
             bind(program, device_mesh)
         compiled = CompiledModel(program, backend)
+    if generate or (generate is None and (max_cache_len or max_batch_size)):
+        compiled.decoder = _decoder(model, spec, manager, backend, batch, max_cache_len, max_batch_size)
     t3 = time.perf_counter()
     report = "\n".join([timings.table(), "", *program.notes,
                         f"capture {(t1 - t0) * 1e3:.0f} ms ({captured_nodes} nodes) -> passes "
@@ -90,3 +100,33 @@ def _example_batch(example_inputs: tuple | None) -> int | None:
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             return int(t.shape[0])
     return None
+
+
+def _forward_without_cache(model: torch.nn.Module, example_kwargs: dict | None) -> dict | None:
+    """A Hugging Face model whose use_cache defaults to True is captured with use_cache=False: the
+    forward Program is stateless; generation has its own Programs with the cache as inputs."""
+    kwargs = dict(example_kwargs or {})
+    if getattr(getattr(model, "config", None), "use_cache", False) and not {"use_cache", "cache",
+                                                                           "past_key_values"} & set(kwargs):
+        kwargs["use_cache"] = False
+    return kwargs or example_kwargs
+
+
+def _decoder(model, spec, manager, backend, batch, max_cache_len, max_batch_size):
+    """Capture the prefill and decode Programs, run the pipeline on both, lower them (runtime)."""
+    from meshc.capture_decode import capture_decode
+    from meshc.errors import MeshcError
+    from meshc.runtime.generate import Decoder
+
+    if spec.size > 1:
+        raise MeshcError(f"generation on a mesh ({spec}) is not implemented yet; compile with mesh=None "
+                         f"for compiled.generate, or without max_cache_len for the sharded forward")
+    config = getattr(model, "config", None)
+    if max_cache_len is None:
+        max_cache_len = min(getattr(config, "max_position_embeddings", None) or 2048, 2048)
+    programs = capture_decode(model, max_batch_size or batch or 1, max_cache_len)
+    programs.prefill = manager.run(programs.prefill)
+    programs.decode = manager.run(programs.decode)
+    gen = getattr(model, "generation_config", None) or config
+    defaults = {k: getattr(gen, k, None) for k in ("eos_token_id", "pad_token_id")}
+    return Decoder(programs, backend, defaults)

@@ -43,7 +43,7 @@ from meshc.passes.sharding_strategies import (
     module_path,
 )
 from meshc.pipeline import register_pass
-from meshc.placement import Placement, Replicate, parse_placement
+from meshc.placement import Placement, Replicate, Shard, parse_placement
 from meshc.plan import Plan, make_plan
 from meshc.program import Program
 from meshc.redistribute import transition_time
@@ -114,10 +114,14 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
     divisor = {p: 1.0 for p in params.values()}  # how far the dims solved so far divide each parameter
     solved: list[DimSolution] = []
     placements = {fqn: [R] * len(mesh.names) for fqn in params}
+    taken: dict[fx.Node, set[int]] = {}  # tensor dims the dims solved so far shard, per node
     for i, d in enumerate(dims):
         pins = _pins(params, (pin or {}) if i == 0 else {}, fixed_plan, d)
-        sol = _solve_dim(program, d, preset, limit, divisor, pins, time_limit, gather_params)
+        sol = _solve_dim(program, d, preset, limit, divisor, pins, time_limit, gather_params, taken)
         solved.append(sol)
+        for v, s in sol.chosen.items():
+            if isinstance(s.out, Shard):
+                taken.setdefault(v, set()).add(s.out.dim)
         for fqn, p in params.items():
             out = sol.chosen[p].out
             placements[fqn][d] = out
@@ -135,12 +139,12 @@ def solve_sharding(program: Program, budget: float | None = None, preset: Any = 
                     sum(s.shared_nodes for s in solved), solved, predict_collectives(program, plan))
 
 
-def _solve_dim(program, dim, preset, limit, divisor, pins, time_limit, gather_params) -> DimSolution:
+def _solve_dim(program, dim, preset, limit, divisor, pins, time_limit, gather_params, taken) -> DimSolution:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
     n = program.mesh.sizes[dim]
-    st = enumerate_strategies(program, dim, preset, gather_params,
+    st = enumerate_strategies(program, dim, preset, gather_params, taken=taken,
                               pinned={p.meta["meshc_name"]: key(pl) for p, pl in pins.items()})
     opts, rep = st.options, st.rep
     offset, col = {}, 0

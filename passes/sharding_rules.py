@@ -242,7 +242,7 @@ def linear_family(node, P):
     elif is_shard(pw):  # row parallel: contraction sharded, partial sums out
         if isinstance(b, fx.Node):
             return Decision({x: R, w: R, b: R}, R, fallback=True)  # spmd_partition splits biases first
-        needs, out = {x: Shard(last), w: pw}, Partial()
+        needs, out = {x: at_dim(pw, last), w: pw}, Partial()  # x split exactly like w's contraction dim
     else:
         keep = is_shard(px) and px.dim != last
         needs = {x: px if keep else R, w: R}
@@ -268,7 +268,7 @@ def embedding(node, P):
     w, ids = node.args[:2]
     pw, pi = P(w), P(ids)
     if is_shard(pw) and pw.dim == 1:
-        return Decision({w: pw, ids: R}, Shard(ndim(node) - 1))
+        return Decision({w: pw, ids: R}, at_dim(pw, ndim(node) - 1))
     keep = is_shard(pi)
     return Decision({w: R, ids: pi if keep else R}, pi if keep else R)
 

@@ -77,10 +77,14 @@ def _param_candidates(node: fx.Node, n: int, groups: set[int]) -> list[Placement
 
 
 def enumerate_strategies(program: Program, dim: int, preset, gather_params: bool = False,
-                         pinned: dict[str, str] | None = None) -> Strategies:
+                         pinned: dict[str, str] | None = None,
+                         taken: dict[fx.Node, set[int]] | None = None) -> Strategies:
     """Strategies per node on mesh dim `dim`. Unless `gather_params`, weights stay where they are
     stored (a strategy that would all-gather a parameter every forward, FSDP-style, is not
-    offered). `pinned`: {parameter name: pinned placement}; blocks share only if pinned alike."""
+    offered). `pinned`: {parameter name: pinned placement}; blocks share only if pinned alike.
+    `taken`: node -> tensor dims that mesh dims solved before this one already shard; a tensor dim
+    is never sharded by two mesh dims (nested shards are not in the redistribution table)."""
+    taken = taken or {}
     n = program.mesh.sizes[dim]
     on_dp = program.mesh.names[dim] == DP
     options: dict[fx.Node, list[Strategy]] = {}
@@ -118,21 +122,21 @@ def enumerate_strategies(program: Program, dim: int, preset, gather_params: bool
         if node.op == "placeholder":
             kind = node.meta["meshc_input"]
             if kind == "parameter" and isinstance(node.meta.get("val"), torch.Tensor):
-                cands = _param_candidates(node, n, groups)
+                cands = [c for c in _param_candidates(node, n, groups) if _fits(node, c, n, taken)]
             elif kind == "user" and on_dp and isinstance(node.meta.get("val"), torch.Tensor):
                 cands = [Shard(0)]
             else:
                 cands = [R]
             options[node] = [Strategy({}, {}, c, 0.0, 0.0) for c in cands]
             continue
-        options[node] = _node_strategies(node, options, n, preset, gather_params)
+        options[node] = _node_strategies(node, options, n, preset, gather_params, taken)
     for p in program.placeholders("parameter"):  # shared blocks' parameters use their rep's list
         if rep.get(p, p) is not p:
             options[p] = options[rep[p]]
     return Strategies(options, rep, boundary)
 
 
-def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool) -> list[Strategy]:
+def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool, taken) -> list[Strategy]:
     inputs = rules.tensor_inputs(node)
     per_input = [list({key(s.out): s.out for s in options[u]}.values()) for u in inputs]
     seen: dict[tuple, Strategy] = {}
@@ -145,7 +149,7 @@ def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool
             continue
         if not gather_params and any(is_param(u) and key(need) != key(assumed[u]) for u, need in d.needs.items()):
             continue
-        if not _fits(node, d.out, n) or any(not _fits(u, need, n) for u, need in d.needs.items()):
+        if not _fits(node, d.out, n, taken) or any(not _fits(u, need, n, taken) for u, need in d.needs.items()):
             continue  # shards a dim the mesh does not divide: spmd_partition could not build it
         comm, colls = 0.0, []
         for u, need in d.needs.items():
@@ -160,13 +164,15 @@ def _node_strategies(node: fx.Node, options, n: int, preset, gather_params: bool
     return list(seen.values())
 
 
-def _fits(node: fx.Node, p: Any, n: int) -> bool:
+def _fits(node: fx.Node, p: Any, n: int, taken: dict[fx.Node, set[int]]) -> bool:
     """Whether placement `p` of node's value can be built on a mesh dim of size n: a static dim is
     sharded only where the table's `shardable` rule allows (symbolic dims - batch, sequence - are
-    checked at run time)."""
+    checked at run time), and never a dim an earlier-solved mesh dim already shards."""
     val = node.meta.get("val")
     if not isinstance(p, Shard) or not isinstance(val, torch.Tensor) or p.dim >= val.dim():
         return True
+    if p.dim in taken.get(node, ()):
+        return False
     size = val.shape[p.dim]
     return not isinstance(size, int) or shardable(size, n * getattr(p, "groups", 1))
 

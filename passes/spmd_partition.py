@@ -222,6 +222,11 @@ def _check_divisible(node: fx.Node, pls: Any, program: Program) -> None:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or isinstance(pls, list):
         return
+    dims = [p.dim for p in pls if isinstance(p, Shard)]
+    if len(dims) != len(set(dims)):
+        raise NodeError(node, f"placements {tuple(describe(p) for p in pls)} on mesh '{program.mesh}' shard one tensor "
+                              f"dim over two mesh dims, which the redistribution table does not express; shard "
+                              f"different tensor dims on each mesh dim (or replicate on one of them)")
     for dim_name, n, p in zip(program.mesh.names, program.mesh.sizes, pls):
         if isinstance(p, Shard):
             size = val.shape[p.dim]

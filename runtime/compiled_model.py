@@ -2,9 +2,9 @@
 original model.
 
 Entry point: `CompiledModel(program, backend)`; `rebind()` lowers again after the state changed
-(e.g. `meshc.load_checkpoint`). Calls are bound and checked against
-the captured inputs (`Program.bind_inputs`), run through the lowered callable, and the outputs
-rebuilt in the model's own structure (e.g. a Hugging Face `CausalLMOutputWithPast`).
+(e.g. `meshc.load_checkpoint`); `generate()` runs the decode loop (`meshc.runtime.generate`).
+Calls are bound and checked against the captured inputs (`Program.bind_inputs`), run through the
+lowered callable, and the outputs rebuilt in the model's own structure (e.g. a Hugging Face `CausalLMOutputWithPast`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ class CompiledModel(torch.nn.Module):
         self.program = program
         self.requested_backend = backend
         self.report = report  # the pass table of the compile that made this model
+        self.decoder = None  # a meshc.runtime.generate.Decoder when compiled with max_cache_len=...
         self.rebind()
 
     def rebind(self) -> None:
@@ -31,6 +32,17 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.program.bind_inputs(args, kwargs)
         return self.program.unflatten_outputs(self._run_flat(flat))
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **options: Any) -> torch.Tensor:
+        """Prompt + new tokens, like Hugging Face's `model.generate` (greedy, or `do_sample=True`
+        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache."""
+        if self.decoder is None:
+            from meshc.errors import MeshcError
+
+            raise MeshcError(f"{self.program.model_name} was compiled without a KV cache, so it cannot "
+                             f"generate; compile with meshc.compile(..., max_cache_len=N) (or generate=True)")
+        return self.decoder.generate(input_ids, attention_mask, **options)
 
     def extra_repr(self) -> str:
         p = self.program

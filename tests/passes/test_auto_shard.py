@@ -155,3 +155,26 @@ def test_plan_file_is_keyed_by_the_graph_and_exports_to_parallelize_module(llama
     assert isinstance(tp["model.layers.0.self_attn.q_proj"], ColwiseParallel)
     assert isinstance(tp["model.layers.3.mlp.down_proj"], RowwiseParallel)
     assert len(tp) == 7 * 4
+
+
+@pytest.mark.parametrize("name,mesh", [("gptj-tiny", "dp=2,tp=2"), ("phi3-tiny", "tp=2")])
+def test_auto_plans_never_nest_shards_or_mismatch_interleaved_contractions(name, mesh):
+    """Regressions (both gave wrong logits): GPT-J's dp solve sharded a tensor dim tp already
+    sharded; Phi-3's down_proj took an interleaved weight against a plainly sharded activation."""
+    from meshc.models import load_model
+    from meshc.passes import sharding_rules as rules
+    from meshc.passes.auto_shard import parse_budget
+    import torch
+    from meshc.placement import InterleavedShard, Replicate, Shard
+
+    lm = load_model(name)
+    program = PassManager("dce").run(capture(lm.model, lm.example_inputs, lm.example_kwargs,
+                                             mesh=MeshSpec.parse(mesh), dynamic_shapes="auto"))
+    sol = solve_sharding(program, parse_budget("auto", program))
+    for fqn, pls in sol.plan.params.items():
+        dims = [p.dim for p in pls if isinstance(p, Shard)]
+        assert len(dims) == len(set(dims)), (fqn, pls)
+    linears = [n for n in program.graph.nodes if n.target is torch.ops.aten.linear.default]
+    w = next(n.args[1] for n in linears)
+    decision = rules.decide(linears[0], lambda a: InterleavedShard(1, 2) if a is w else Replicate())
+    assert decision.needs[linears[0].args[0]] == InterleavedShard(linears[0].args[0].meta["val"].dim() - 1, 2)

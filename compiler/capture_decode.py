@@ -1,0 +1,180 @@
+"""Capture for decoding: a causal LM → a prefill Program and a decode Program whose KV cache is an
+explicit, fixed-size graph input written in place.
+
+Entry point: `capture_decode(model, max_batch_size, max_cache_len) -> DecodePrograms`.
+
+* prefill(input_ids [B,S], attention_mask [B,S], cache) → logits of the last position [B,1,V];
+  positions (from the mask, as Hugging Face's generate computes them) and the 4-D additive mask
+  over the cache are computed in the graph; the prompt's K/V land at cache positions 0..S-1.
+* decode(input_ids [B,T], position_ids [B,T], cache_position [T], attention_mask [B,1,T,L],
+  cache) → logits [B,T,V]; T ≥ 1 new tokens per sequence (T > 1 and a tree mask for speculative
+  verification), their K/V written at `cache_position`.
+
+`cache` is a list [K0, V0, K1, V1, ...] of [B, kv_heads, max_cache_len, head_dim] tensors of the
+model's dtype. The model runs on a transformers `Cache` whose layers are those tensors; its
+`index_copy_` writes stay in the graph as in-place ops on the cache placeholders
+(`capture(..., input_writes=True)`), so the runtime's buffers keep their `data_ptr` and no step
+allocates a cache-sized tensor. Batch, prompt length and T are dynamic; max_cache_len is static.
+
+It never runs the model outside capture (one eager probe for the K/V shapes aside), holds no
+per-family code, and builds no runtime state: buffers are `CacheLayout.allocate()`'s, owned by
+the runtime.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from meshc.capture import capture
+from meshc.errors import CaptureError
+from meshc.program import Program
+from torch.export import Dim
+
+EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_T = 2, 5, 2  # > 1, so torch.export keeps them symbolic
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What the cache is: per layer the K and V shape after the batch dim, the dtype, the limits."""
+
+    kv_shapes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # ((H, L, Dk), (H, L, Dv)) per layer
+    dtype: torch.dtype
+    device: torch.device
+    max_batch_size: int
+    max_cache_len: int
+
+    def allocate(self, batch: int | None = None) -> list[torch.Tensor]:
+        """Zeroed cache tensors [K0, V0, K1, V1, ...] of batch `batch` (default max_batch_size)."""
+        b = self.max_batch_size if batch is None else batch
+        return [torch.zeros(b, *shape, dtype=self.dtype, device=self.device)
+                for pair in self.kv_shapes for shape in pair]
+
+
+@dataclass
+class DecodePrograms:
+    prefill: Program
+    decode: Program
+    layout: CacheLayout
+
+
+def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: int) -> DecodePrograms:
+    """Capture `model` (a Hugging Face-style causal LM taking `cache=`/`past_key_values=`) twice:
+    the prefill and the decode step, the cache sized `max_batch_size` x `max_cache_len`."""
+    layout = probe_layout(model, max_batch_size, max_cache_len)
+    dev, ex = layout.device, layout.allocate(EXAMPLE_BATCH)
+    ids = torch.ones(EXAMPLE_BATCH, EXAMPLE_PROMPT, dtype=torch.long, device=dev)
+    mask = torch.ones_like(ids)
+    cache_dims = [{0: Dim.AUTO}] * len(ex)
+    auto2 = {0: Dim.AUTO, 1: Dim.AUTO}
+    prefill = capture(_Prefill(model, layout), (ids, mask, ex), input_writes=True,
+                      dynamic_shapes={"input_ids": auto2, "attention_mask": auto2, "cache": cache_dims})
+    t = EXAMPLE_T
+    ids = torch.ones(EXAMPLE_BATCH, t, dtype=torch.long, device=dev)
+    pos = torch.arange(t, device=dev).expand(EXAMPLE_BATCH, t).contiguous()
+    bias = torch.zeros(EXAMPLE_BATCH, 1, t, max_cache_len, dtype=layout.dtype, device=dev)
+    inputs = (ids, pos, torch.arange(t, device=dev), bias, layout.allocate(EXAMPLE_BATCH))
+    decode = capture(_Decode(model, layout), inputs, input_writes=True,
+                     dynamic_shapes={"input_ids": auto2, "position_ids": auto2, "cache_position": {0: Dim.AUTO},
+                                     "attention_mask": {0: Dim.AUTO, 2: Dim.AUTO}, "cache": cache_dims})
+    for p in (prefill, decode):
+        p.model_name = type(model).__name__
+        for node in p.placeholders():  # the model's own parameter names, not the wrapper's
+            if node.meta["meshc_input"] != "user":
+                node.meta["meshc_name"] = node.meta["meshc_name"].removeprefix("model.")
+            elif node.meta["val"].is_leaf and node.meta["val"].requires_grad:
+                node.meta["val"].requires_grad_(False)  # tracing the writes marked the cache as needing grad
+    return DecodePrograms(prefill, decode, layout)
+
+
+def probe_layout(model: torch.nn.Module, max_batch_size: int, max_cache_len: int) -> CacheLayout:
+    """Run the model once on one token with its own cache to learn each layer's K/V shape."""
+    param = next(model.parameters())
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, dtype=torch.long, device=param.device), use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise CaptureError(
+            f"{type(model).__name__} returned no per-layer KV cache from forward(ids, use_cache=True); "
+            f"meshc generates with Hugging Face-style causal LMs whose forward returns a transformers "
+            f"Cache. Compile without max_cache_len to get the forward only.")
+    shapes = tuple(((layer.keys.shape[1], max_cache_len, layer.keys.shape[-1]),
+                    (layer.values.shape[1], max_cache_len, layer.values.shape[-1])) for layer in layers)
+    return CacheLayout(shapes, layers[0].keys.dtype, param.device, max_batch_size, max_cache_len)
+
+
+def _cache_of(tensors: list[torch.Tensor], write_at: torch.Tensor):
+    from transformers import Cache
+    from transformers.cache_utils import StaticLayer
+
+    class InputLayer(StaticLayer):
+        """A static layer over graph inputs: writes the new K/V at `write_at`, returns the whole cache."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__(max_cache_len=keys.shape[2])
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.device, self.batch_size, self.num_heads = keys.device, keys.shape[0], keys.shape[1]
+            self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.keys.index_copy_(2, write_at, key_states)
+            self.values.index_copy_(2, write_at, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return 0
+
+    return Cache(layers=[InputLayer(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)])
+
+
+class _Step(torch.nn.Module):
+    """The model with its cache as inputs; subclasses say how positions and masks arrive."""
+
+    def __init__(self, model: torch.nn.Module, layout: CacheLayout):
+        super().__init__()
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = "logits_to_keep" in params
+
+    def run(self, input_ids, position_ids, write_at, bias, cache, last_only: bool):
+        extra = {"logits_to_keep": 1} if last_only and self.keep_kw else {}
+        bias = self.per_layer_type(bias, write_at)
+        out = self.model(input_ids=input_ids, attention_mask=bias, position_ids=position_ids,
+                         use_cache=True, **{self.cache_kw: _cache_of(cache, write_at)}, **extra)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return logits[:, -1:] if last_only and not extra else logits
+
+
+    def per_layer_type(self, bias: torch.Tensor, write_at: torch.Tensor):
+        """A model with sliding-window layers (config.layer_types) takes a mask per layer type, as
+        Hugging Face's own mask mapping: the sliding one also hides keys `sliding_window` or more
+        cache positions behind the query."""
+        config = getattr(self.model, "config", None)
+        window = getattr(config, "sliding_window", None)
+        if not window or "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+            return bias
+        key = torch.arange(bias.shape[-1], device=bias.device)
+        near = key[None, None, None, :] > write_at[None, None, :, None] - window
+        return {"full_attention": bias, "sliding_attention": torch.where(near, bias, torch.finfo(bias.dtype).min)}
+
+
+class _Prefill(_Step):
+    def forward(self, input_ids, attention_mask, cache):
+        s, length = input_ids.shape[1], cache[0].shape[2]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        key = torch.arange(length, device=input_ids.device)
+        query = torch.arange(s, device=input_ids.device)
+        valid = torch.nn.functional.pad(attention_mask.bool(), (0, length - s))  # [B, L]
+        allowed = (key[None, :] <= query[:, None])[None, None] & valid[:, None, None, :]
+        dtype = cache[0].dtype
+        bias = torch.where(allowed, torch.zeros((), dtype=dtype, device=input_ids.device),
+                           torch.full((), torch.finfo(dtype).min, dtype=dtype, device=input_ids.device))
+        return self.run(input_ids, position_ids, query, bias, cache, last_only=True)
+
+
+class _Decode(_Step):
+    def forward(self, input_ids, position_ids, cache_position, attention_mask, cache):
+        return self.run(input_ids, position_ids, cache_position, attention_mask, cache, last_only=False)

@@ -1,0 +1,177 @@
+"""compiled.generate on one device (issue 13): greedy tokens equal Hugging Face's generate, left
+padding, sampling, the cache stays in place, one prefill and one decode capture, errors."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import meshc
+import meshc.capture_decode
+import meshc.driver
+import pytest
+import torch
+from meshc.errors import InputError, MeshcError
+from meshc.models import load_model
+
+NEW = 32
+CACHE = 64
+
+
+def _compile(name: str, batch: int = 2, max_batch_size: int = 4):
+    loaded = load_model(name, batch=batch, seq=8)
+    counts = {"forward": 0, "decoding": 0}
+
+    def counting(key, fn):
+        def wrapped(*a, **k):
+            counts[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    with mock.patch.object(meshc.driver, "capture", counting("forward", meshc.driver.capture)), \
+         mock.patch.object(meshc.capture_decode, "capture", counting("decoding", meshc.capture_decode.capture)):
+        compiled = meshc.compile(loaded.model, None, example_inputs=loaded.example_inputs,
+                                 max_cache_len=CACHE, max_batch_size=max_batch_size)
+    return loaded.model, compiled, counts
+
+
+@pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny", "reference-lm"])
+def lm(request):
+    return (request.param, *_compile(request.param))
+
+
+def _prompts(name: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A left-padded batch of 3 prompts of lengths 9, 5, 7 (and the prompts themselves)."""
+    if name == "reference-lm":
+        from meshc.reference_lm import PAD_ID, encode
+
+        rows, pad = [encode(t) for t in ("def main(", "impor", "class A")], PAD_ID
+    else:
+        g = torch.Generator().manual_seed(7)
+        rows, pad = [torch.randint(3, 512, (n,), generator=g) for n in (9, 5, 7)], 0
+    width = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.full((width - len(r),), pad), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]) for r in rows]).long()
+    return ids, mask, rows
+
+
+def _compare_with_hf(model, compiled, ids, mask) -> int:
+    """Assert meshc's greedy tokens equal HF's up to the first near-tie of the reference (top-2
+    logit margin < 1e-4) in each row; return how many rows had one."""
+    ref = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                         return_dict_in_generate=True, output_logits=True)
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    top2 = torch.stack([step.float().topk(2, dim=-1).values for step in ref.logits], 1)  # [B, steps, 2]
+    ties = (top2[..., 0] - top2[..., 1]) < 1e-4
+    prompt, near = ids.shape[1], 0
+    for row in range(ids.shape[0]):
+        upto = int(ties[row].nonzero()[0]) if ties[row].any() else len(ref.logits)
+        near += bool(ties[row].any())
+        want, got = ref.sequences[row, prompt:prompt + upto], out[row, prompt:prompt + upto]
+        assert torch.equal(got, want), f"row {row}: meshc {got.tolist()} != HF {want.tolist()}"
+    assert torch.equal(out[:, :prompt], ids)
+    return near
+
+
+def test_greedy_equals_hf_generate(lm):
+    name, model, compiled, _ = lm
+    g = torch.Generator().manual_seed(3)
+    vocab = 256 if name == "reference-lm" else 512
+    near = _compare_with_hf(model, compiled, torch.randint(3, vocab, (2, 8), generator=g), None)
+    ids, mask, _ = _prompts(name)
+    near += _compare_with_hf(model, compiled, ids, mask)
+    print(f"{name}: {near} rows compared only up to a near-tie")
+
+
+def test_left_padded_batch_equals_one_by_one(lm):
+    name, _, compiled, _ = lm
+    ids, mask, rows = _prompts(name)
+    batch = compiled.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[])
+    for i, row in enumerate(rows):
+        alone = compiled.generate(row[None], max_new_tokens=16, eos_token_id=[])
+        assert torch.equal(batch[i, ids.shape[1]:], alone[0, len(row):]), f"row {i}"
+
+
+def test_one_prefill_and_one_decode_capture_through_the_pipeline(lm):
+    _, _, compiled, counts = lm
+    assert counts == {"forward": 1, "decoding": 2}
+    programs = compiled.decoder.programs
+    for p in (programs.prefill, programs.decode):
+        assert p.history == compiled.program.history == ["dce", "propagate_shapes", "lint"]
+        writes = [n for n in p.graph.nodes if n.target is torch.ops.aten.index_copy_.default]
+        assert len(writes) == len(programs.layout.kv_shapes) * 2  # K and V of every layer, in place
+
+
+def test_sampling_is_reproducible_and_respects_top_k(lm):
+    name, _, compiled, _ = lm
+    ids, mask, _ = _prompts(name)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(compiled.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                                      temperature=0.8, top_k=5, top_p=0.9))
+    assert torch.equal(*runs)
+    torch.manual_seed(0)
+    top1 = compiled.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=1)
+    assert torch.equal(top1, compiled.generate(ids, attention_mask=mask, max_new_tokens=12))  # top_k=1 is greedy
+
+
+def test_cache_stays_in_place_and_the_model_is_never_called(lm, monkeypatch):
+    _, model, compiled, _ = lm
+
+    def forbidden(*a, **k):
+        raise AssertionError("the original model's forward ran during generate")
+
+    monkeypatch.setattr(type(model), "forward", forbidden)
+    ptrs = [c.data_ptr() for c in compiled.decoder.cache]
+    seen = []
+
+    class Streamer:
+        def put(self, value):
+            seen.append((value.clone(), [c.data_ptr() for c in compiled.decoder.cache]))
+
+        def end(self):
+            seen.append(("end", None))
+
+    out = compiled.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, eos_token_id=[], streamer=Streamer())
+    assert seen[-1] == ("end", None) and len(seen) == 1 + 10 + 1
+    assert torch.equal(seen[0][0], torch.tensor([[5, 6, 7]]))
+    assert torch.equal(torch.cat([v for v, _ in seen[1:-1]]), out[0, 3:])
+    assert all(p == ptrs for _, p in seen[:-1])
+
+
+def test_eos_stops_a_sequence_and_pads_after_it(lm):
+    name, model, compiled, _ = lm
+    vocab = 256 if name == "reference-lm" else 512
+    ids = torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(1))
+    free = compiled.generate(ids, max_new_tokens=8, eos_token_id=[])
+    stop = int(free[0, 8])  # row 0's third new token is now its end
+    end = 6 + int((free[0, 6:] == stop).nonzero()[0])  # where it first appears
+    out = compiled.generate(ids, max_new_tokens=8, eos_token_id=stop, pad_token_id=0)
+    ref = model.generate(ids, do_sample=False, max_new_tokens=8, eos_token_id=stop, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert out[0, end] == stop and (out[0, end + 1:] == 0).all()
+
+
+def test_bad_inputs_name_the_limit_and_the_fix(lm):
+    _, _, compiled, _ = lm
+    ids = torch.ones(1, 40, dtype=torch.long)
+    with pytest.raises(InputError, match=r"past max_cache_len=64.*compile with max_cache_len=80"):
+        compiled.generate(ids, max_new_tokens=40)
+    with pytest.raises(InputError, match=r"batch 5 is past max_batch_size=4.*max_batch_size=5"):
+        compiled.generate(torch.ones(5, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(InputError, match="integer dtype"):
+        compiled.generate(torch.ones(1, 4), max_new_tokens=2)
+    for option in ({"num_beams": 4}, {"repetition_penalty": 1.3}):
+        with pytest.raises(MeshcError, match=f"{next(iter(option))}=.* is not implemented by meshc"):
+            compiled.generate(ids[:, :4], max_new_tokens=2, **option)
+
+
+def test_forward_of_a_use_cache_model_compiles_and_no_cache_means_no_generate():
+    loaded = load_model("llama-tiny", batch=2, seq=8)
+    assert loaded.model.config.use_cache
+    compiled = meshc.compile(loaded.model, example_inputs=loaded.example_inputs)  # no example_kwargs
+    ids = loaded.example_inputs[0]
+    ref = loaded.model(ids, use_cache=False).logits
+    assert (compiled(ids).logits - ref).abs().max() <= 1e-5
+    with pytest.raises(MeshcError, match="compile with meshc.compile\\(..., max_cache_len=N\\)"):
+        compiled.generate(ids, max_new_tokens=2)
