@@ -161,10 +161,10 @@ def test_plan_file_is_keyed_by_the_graph_and_exports_to_parallelize_module(llama
 def test_auto_plans_never_nest_shards_or_mismatch_interleaved_contractions(name, mesh):
     """Regressions (both gave wrong logits): GPT-J's dp solve sharded a tensor dim tp already
     sharded; Phi-3's down_proj took an interleaved weight against a plainly sharded activation."""
+    import torch
     from meshc.models import load_model
     from meshc.passes import sharding_rules as rules
     from meshc.passes.auto_shard import parse_budget
-    import torch
     from meshc.placement import InterleavedShard, Replicate, Shard
 
     lm = load_model(name)
