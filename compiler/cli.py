@@ -19,8 +19,9 @@ from meshc.errors import MeshcError, PassError, SpecError
 
 #: What --plan takes (meshc.compile's plan= takes these and dicts; see meshc.plan).
 PLAN_NAMES = ("auto", "megatron", "replicate")
-EPILOG = ("MODEL is a built-in name (llama-tiny, gpt2-tiny, mlp, reference-lm), path/to/file.py:factory "
-          "or package.module:factory.")
+EPILOG = ("MODEL is a built-in name (llama-tiny, gpt2-tiny, mlp, reference-lm, or a Hugging Face family: "
+          "falcon-tiny, bloom-tiny, opt-tiny, gptneox-tiny, gptj-tiny, phi3-tiny, qwen2-tiny, olmo2-tiny, "
+          "gemma-tiny), path/to/file.py:factory or package.module:factory.")
 
 
 def main(argv: list[str] | None = None) -> int:
