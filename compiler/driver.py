@@ -85,7 +85,8 @@ def compile(  # noqa: A001 - the public name is meshc.compile
             bind(program, device_mesh)
         compiled = CompiledModel(program, backend)
     if generate or (generate is None and (max_cache_len or max_batch_size)):
-        compiled.decoder = _decoder(model, spec, manager, backend, batch, max_cache_len, max_batch_size)
+        compiled.decoder = _decoder(model, program, device_mesh, manager, backend, batch, max_cache_len,
+                                    max_batch_size)
     t3 = time.perf_counter()
     report = "\n".join([timings.table(), "", *program.notes,
                         f"capture {(t1 - t0) * 1e3:.0f} ms ({captured_nodes} nodes) -> passes "
@@ -112,21 +113,32 @@ def _forward_without_cache(model: torch.nn.Module, example_kwargs: dict | None) 
     return kwargs or example_kwargs
 
 
-def _decoder(model, spec, manager, backend, batch, max_cache_len, max_batch_size):
-    """Capture the prefill and decode Programs, run the pipeline on both, lower them (runtime)."""
+def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len, max_batch_size):
+    """Capture the prefill and decode Programs, run the pipeline on both (as rank `forward.rank`
+    with the forward's plan spec), bind them to the mesh, lower them (runtime). On a tp mesh the
+    cache is replicated (every rank holds every head's K/V; sharding it with the heads is not done
+    yet); dp and pp meshes are not supported yet."""
     from meshc.capture_decode import capture_decode
     from meshc.errors import MeshcError
     from meshc.runtime.generate import Decoder
 
-    if spec.size > 1:
-        raise MeshcError(f"generation on a mesh ({spec}) is not implemented yet; compile with mesh=None "
-                         f"for compiled.generate, or without max_cache_len for the sharded forward")
+    spec = forward.mesh
+    if spec.dp > 1 or spec.pp > 1:
+        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (tensor-parallel meshes and one "
+                         f"device are); compile without max_cache_len for the distributed forward")
     config = getattr(model, "config", None)
     if max_cache_len is None:
         max_cache_len = min(getattr(config, "max_position_embeddings", None) or 2048, 2048)
     programs = capture_decode(model, max_batch_size or batch or 1, max_cache_len)
-    programs.prefill = manager.run(programs.prefill)
-    programs.decode = manager.run(programs.decode)
+    for name in ("prefill", "decode"):
+        p = getattr(programs, name)
+        p.mesh, p.rank, p.plan = spec, forward.rank, (forward.plan if isinstance(forward.plan, str) else "auto")
+        p = manager.run(p)
+        if device_mesh is not None:
+            from meshc.runtime.mesh import bind
+
+            bind(p, device_mesh)
+        setattr(programs, name, p)
     gen = getattr(model, "generation_config", None) or config
     defaults = {k: getattr(gen, k, None) for k in ("eos_token_id", "pad_token_id")}
     return Decoder(programs, backend, defaults)
