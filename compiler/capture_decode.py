@@ -68,16 +68,16 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
     mask = torch.ones_like(ids)
     cache_dims = [{0: Dim.AUTO}] * len(ex)
     auto2 = {0: Dim.AUTO, 1: Dim.AUTO}
-    prefill = capture(_Prefill(model, layout), (ids, mask, ex), input_writes=True,
-                      dynamic_shapes={"input_ids": auto2, "attention_mask": auto2, "cache": cache_dims})
+    prefill = _capture_step(model, "prefill", _Prefill(model, layout), (ids, mask, ex),
+                            {"input_ids": auto2, "attention_mask": auto2, "cache": cache_dims})
     t = EXAMPLE_T
     ids = torch.ones(EXAMPLE_BATCH, t, dtype=torch.long, device=dev)
     pos = torch.arange(t, device=dev).expand(EXAMPLE_BATCH, t).contiguous()
     bias = torch.zeros(EXAMPLE_BATCH, 1, t, max_cache_len, dtype=layout.dtype, device=dev)
     inputs = (ids, pos, torch.arange(t, device=dev), bias, layout.allocate(EXAMPLE_BATCH))
-    decode = capture(_Decode(model, layout), inputs, input_writes=True,
-                     dynamic_shapes={"input_ids": auto2, "position_ids": auto2, "cache_position": {0: Dim.AUTO},
-                                     "attention_mask": {0: Dim.AUTO, 2: Dim.AUTO}, "cache": cache_dims})
+    decode = _capture_step(model, "decode", _Decode(model, layout), inputs,
+                           {"input_ids": auto2, "position_ids": auto2, "cache_position": {0: Dim.AUTO},
+                            "attention_mask": {0: Dim.AUTO, 2: Dim.AUTO}, "cache": cache_dims})
     for p in (prefill, decode):
         p.model_name = type(model).__name__
         for node in p.placeholders():  # the model's own parameter names, not the wrapper's
@@ -86,6 +86,22 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
             elif node.meta["val"].is_leaf and node.meta["val"].requires_grad:
                 node.meta["val"].requires_grad_(False)  # tracing the writes marked the cache as needing grad
     return DecodePrograms(prefill, decode, layout)
+
+
+def _capture_step(model: torch.nn.Module, step: str, wrapper: torch.nn.Module, inputs: tuple,
+                  dynamic_shapes: dict) -> Program:
+    """Capture one generation step; a model that cannot run on a static cache with a 4-D mask is a
+    CaptureError naming the model, the step and the cause (never a bare traceback from inside it)."""
+    try:
+        return capture(wrapper, inputs, input_writes=True, dynamic_shapes=dynamic_shapes)
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with what it means for the user
+        raise CaptureError(
+            f"cannot capture the {step} step of {type(model).__name__} for generation: {type(e).__name__}: {e}. "
+            f"meshc decodes with a static cache and a 4-D attention mask over it; models that build their own "
+            f"position bias from a 2-D mask (e.g. Bloom's ALiBi) are not supported yet. Compile without "
+            f"max_cache_len to get the forward only.") from e
 
 
 def probe_layout(model: torch.nn.Module, max_batch_size: int, max_cache_len: int) -> CacheLayout:

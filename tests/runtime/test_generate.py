@@ -215,3 +215,13 @@ def test_generation_on_a_dp_or_pp_mesh_is_a_clear_error():
 class _FakeForward:
     def __init__(self, mesh):
         self.mesh, self.rank, self.plan = mesh, 0, "auto"
+
+
+def test_a_model_that_cannot_decode_on_a_static_cache_is_a_clear_error():
+    """Bloom builds its ALiBi bias from the 2-D mask: generation is refused naming the step and why."""
+    from meshc.errors import CaptureError
+
+    loaded = load_model("bloom-tiny", batch=2, seq=8)
+    with pytest.warns(UserWarning), pytest.raises(CaptureError, match="cannot capture the prefill step of "
+                                                                      "BloomForCausalLM for generation"):
+        meshc.compile(loaded.model, None, example_inputs=loaded.example_inputs, max_cache_len=32)
