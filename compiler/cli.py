@@ -163,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="def ", help="the prompt: text for reference-lm (bytes), else token ids "
                    "'1,2,3' (default: 'def ')")
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    s.add_argument("--max-cache-len", type=int, default=None, help="cache length (default: the model's, <= 2048)")
+    s.add_argument("--max-cache-len", type=int, default=None, help="cache length (default: prompt + --max-new-tokens)")
     s.add_argument("--do-sample", action="store_true", help="sample (temperature/top-k/top-p) instead of greedy")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
@@ -190,8 +190,8 @@ def cmd_generate(args) -> int:
             ids = torch.tensor([list(args.prompt.encode())])  # a random-weight tiny model: bytes as ids
     loaded = load_model(args.model, batch=1, seq=max(2, ids.shape[1]))
     t0 = time.perf_counter()
-    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=args.max_cache_len,
-                             generate=True)
+    cache = args.max_cache_len or ids.shape[1] + args.max_new_tokens  # attention reads the whole cache each step
+    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=cache, generate=True)
     print(f"compiled {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     torch.manual_seed(args.seed)
     out = compiled.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

@@ -79,3 +79,13 @@ def test_a_mesh_that_divides_nothing_compiles_replicated_and_says_why(capsys):
     assert "Parameters per rank: 3.32 of 3.32 MiB; tp sizes that would shard more: 2, 4, 8" in out
     r = run_on_mesh("mlp", "tp=3", seqs=(4,), iters=1, timeout=120)  # and it runs, equal to eager
     assert r["max_abs_error"] <= 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_generate_prints_the_continuation_and_the_speed(capsys):
+    from meshc.cli import main
+
+    assert main(["generate", "reference-lm", "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def ") and len(out.out.rstrip("\n")) > len("def ")
+    assert "time to first token" in out.err and "tokens/s" in out.err
