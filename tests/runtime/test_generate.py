@@ -34,7 +34,8 @@ def _compile(name: str, batch: int = 2, max_batch_size: int = 4):
     return loaded.model, compiled, counts
 
 
-@pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny", "reference-lm"])
+@pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny",  # reference-lm: `meshc generate` tests it by default
+                                        pytest.param("reference-lm", marks=pytest.mark.slow)])
 def lm(request):
     return (request.param, *_compile(request.param))
 
