@@ -17,6 +17,7 @@ from meshc.errors import (
     PassError,
     PipelineError,
     ScheduleError,
+    SpecError,
 )
 from meshc.instruments import DumpDir, NumericCheck, PrintAfterChange, Timings, Verify
 from meshc.mesh import MeshSpec
@@ -31,5 +32,5 @@ __all__ = [
     "register_pass", "launch", "load_checkpoint", "LaunchError",
     "DumpDir", "NumericCheck", "PrintAfterChange", "Timings", "Verify",
     "MeshcError", "CaptureError", "InputError", "MeshError", "NodeError", "PassError", "PipelineError",
-    "ScheduleError",
+    "ScheduleError", "SpecError",
 ]
