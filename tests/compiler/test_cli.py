@@ -81,6 +81,7 @@ def test_a_mesh_that_divides_nothing_compiles_replicated_and_says_why(capsys):
     assert r["max_abs_error"] <= 1e-5
 
 
+@pytest.mark.slow  # compiles reference-lm's decode graphs (25 s)
 @pytest.mark.timeout(300)
 def test_generate_prints_the_continuation_and_the_speed(capsys):
     from meshc.cli import main

@@ -26,6 +26,7 @@ def test_train_reference_lm_smoke(tmp_path):
     assert "greedy sample" in out and (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # 30+ s on 2 cores: keeps the default suite under 20 minutes
 @pytest.mark.timeout(600)
 def test_convert_ladder_smoke(tmp_path):
     out = run_example("examples/convert_ladder.py", "--steps", "2", "--batch-size", "2", "--max-bytes", "2048",

@@ -134,7 +134,7 @@ def test_auto_shard_end_to_end_equals_eager():
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("model, mesh", [pytest.param("llama-tiny", "tp=4", marks=pytest.mark.slow),  # 4 ranks: slow
-                                         ("gpt2-tiny", "dp=2,tp=2")])
+                                         pytest.param("gpt2-tiny", "dp=2,tp=2", marks=pytest.mark.slow)])
 def test_compile_uses_auto_shard_by_default_and_equals_eager(model, mesh):
     r = run_on_mesh(model, mesh, iters=1, timeout=240)  # compile()'s default plan
     assert r["max_abs_error"] <= 1e-5, r["checks"]

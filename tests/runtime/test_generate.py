@@ -34,7 +34,8 @@ def _compile(name: str, batch: int = 2, max_batch_size: int = 4):
     return loaded.model, compiled, counts
 
 
-@pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny",  # reference-lm: `meshc generate` tests it by default
+@pytest.fixture(scope="module", params=["llama-tiny",  # the others under -m slow (suite time)
+                                        pytest.param("gpt2-tiny", marks=pytest.mark.slow),
                                         pytest.param("reference-lm", marks=pytest.mark.slow)])
 def lm(request):
     return (request.param, *_compile(request.param))
@@ -194,6 +195,7 @@ def _generate_on_rank(device_mesh, name: str, sample: bool):
             count_collectives(compiled.decoder.programs.decode))
 
 
+@pytest.mark.slow  # two ranks compiling three graphs each (30+ s)
 @pytest.mark.timeout(300)
 def test_tensor_parallel_generate_equals_hf_and_every_rank_emits_the_same_tokens():
     """tp=2: the prefill and decode Programs go through auto_shard + spmd_partition (the cache is
