@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import torch.fx as fx
 from meshc.mesh import MeshSpec
 
@@ -39,23 +38,16 @@ def emitted_collectives(program) -> Counter:
     """Multiset of (collective, mesh dim, bytes) the program's graph issues per call. Bytes as
     `meshc.redistribute.Step.nbytes`: the operand for all_reduce / reduce_scatter / all_to_all,
     the gathered result for all_gather."""
+    from meshc.cost_model import value_bytes
+
     out: Counter = Counter()
     for n in program.graph.nodes:
         name = collective_name(n)
         if not name:
             continue
-        val = n.args[0].meta["val"]
-        nbytes = _hint_numel(val) * val.dtype.itemsize
+        nbytes = value_bytes(n.args[0])
         if name == "all_gather_into_tensor":
             nbytes *= n.args[1]
         out[(name, MeshSpec.dim_of_group(n.args[-1]), nbytes)] += 1
     return out
 
-
-def _hint_numel(t: torch.Tensor) -> int:
-    from meshc.cost_model import size_hint
-
-    numel = 1
-    for s in t.shape:
-        numel *= size_hint(s)
-    return numel

@@ -295,8 +295,9 @@ def unsharded_report(program: Program, plan: Plan) -> str | None:
     n = plan.mesh.sizes[d] if d is not None else 1
     if n <= 1:
         return None
+    pairs = find_megatron_pairs(program)
     why: dict[str, str] = {}
-    for cols, rows in find_megatron_pairs(program):
+    for cols, rows in pairs:
         reasons = {c: _why_not_shardable(c, n) for c in cols}
         for lin in [*cols, *rows]:
             fqn = linear_weight(lin).meta["meshc_name"]
@@ -309,7 +310,7 @@ def unsharded_report(program: Program, plan: Plan) -> str | None:
     params = program.placeholders("parameter")
     per_rank = sum(value_bytes(p) / _shards(plan.for_param(p.meta["meshc_name"]), plan.mesh) for p in params)
     total = sum(value_bytes(p) for p in params)
-    count = lambda m: sum(not _why_not_shardable(c, m) for cols, _ in find_megatron_pairs(program) for c in cols)  # noqa: E731
+    count = lambda m: sum(not _why_not_shardable(c, m) for cols, _ in pairs for c in cols)  # noqa: E731
     better = [m for m in (2, 3, 4, 6, 8, 12, 16) if m != n and count(m) > count(n)]
     name = plan.mesh.names[d]
     return (f"on mesh dim '{name}'={n} the plan leaves replicated: "
