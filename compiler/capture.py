@@ -43,6 +43,7 @@ def capture(
     dynamic_shapes: Any = None,
     mesh: Any = None,
     input_writes: bool = False,
+    reuse_blocks: Any = "auto",
 ) -> Program:
     """Trace `model` on the example inputs into a Program.
 
@@ -50,6 +51,8 @@ def capture(
     torch.export keeps static what the model forces static), or torch.export's own format.
     input_writes: the model may write its tensor inputs in place (a KV cache given as inputs); the
     writes stay in the graph as in-place ops on those placeholders (`_inplace_input_writes`).
+    reuse_blocks: "auto" (default), True or False: trace two of a run of identical decoder blocks
+    and copy the second for the others (`meshc.capture_blocks`; same graph, much faster at depth).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"meshc captures torch.nn.Module instances; got {type(model).__name__}")
@@ -63,6 +66,12 @@ def capture(
     kwargs = dict(example_kwargs or {})
     if not input_writes:
         _reject_kv_cache(model, kwargs)
+    if reuse_blocks and not input_writes:
+        from meshc.capture_blocks import capture_reusing_blocks
+
+        reused = capture_reusing_blocks(model, args, kwargs, dynamic_shapes, mesh, force=reuse_blocks is True)
+        if reused is not None:
+            return reused
     shapes = _auto_dynamic(model, args, kwargs) if dynamic_shapes == "auto" else dynamic_shapes
     try:
         gm, state, kinds, names, out_spec = _export(model, args, kwargs, shapes, input_writes)

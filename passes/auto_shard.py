@@ -352,6 +352,7 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
         kinds = colls[layer]
         summary = ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))) or "-"
         rows.append([layer, f"{comp * 1e6:.1f}", f"{comm * 1e6:.1f}", summary, " ".join(params.get(layer, [])) or "R"])
+    rows = group_identical_rows(rows)
     total_c = sum(v[0] for v in per_layer.values())
     total_m = sum(v[1] for v in per_layer.values())
     main = solution.dims[0].dim if solution.dims else "-"
@@ -368,6 +369,25 @@ def explain(solution: Solution, baseline: Solution | None = None, node_name: str
                      f"{solution.cost * 1e3:.3f} ms; they differ on {len(moved)} parameters"
                      + (f" (e.g. {', '.join(moved[:3])})" if moved else ""))
     return "\n".join(lines)
+
+
+def group_identical_rows(rows: list[list[str]]) -> list[list[str]]:
+    """Consecutive rows of blocks 'p.i', 'p.i+1', ... whose other columns agree become one row
+    'p.i-j (n identical)' (an 80-layer decoder prints one row per kind of layer, not 80)."""
+    out: list[list[str]] = []
+    runs: list[tuple[str, int, int]] = []  # (prefix, first index, last index) of each output row
+    for row in rows:
+        prefix, dot, idx = row[0].rpartition(".")
+        if dot and idx.isdigit() and out and runs[-1][0] == prefix and runs[-1][2] + 1 == int(idx) \
+                and out[-1][1:] == row[1:]:
+            runs[-1] = (prefix, runs[-1][1], int(idx))
+            continue
+        out.append(list(row))
+        runs.append((prefix, int(idx), int(idx)) if dot and idx.isdigit() else ("", -2, -2))
+    for row, (prefix, first, last) in zip(out, runs):
+        if last > first:
+            row[0] = f"{prefix}.{first}-{last} ({last - first + 1} identical, each)"
+    return out
 
 
 def _explain_node(solution: Solution, node_name: str) -> str:
