@@ -110,7 +110,8 @@ class Verify(Instrument):
 
 class NumericCheck(Instrument):
     """Run every semantics-preserving pass's output on the example inputs and compare it with the
-    previous Program's (max abs error <= atol + rtol*|ref|)."""
+    previous Program's (max abs error <= atol + rtol*|ref|); for a pass declaring
+    `preserves_outputs`, only those output fields."""
 
     def __init__(self, atol: float = 1e-6, rtol: float = 0.0):
         self.atol, self.rtol = atol, rtol
@@ -128,16 +129,19 @@ class NumericCheck(Instrument):
             return
         with torch.no_grad():
             out = after.run_example()
-        if not call.pass_.preserves_semantics:
+        ref, kept = self._ref, call.pass_.preserves_outputs
+        self._ref = out  # later passes are compared with the new architecture
+        if not call.pass_.preserves_semantics and not kept:
             self.results.append((str(call), None))
-            self._ref = out  # later passes are compared with the new architecture
             return
-        err, where, scale = max_abs_error(self._ref, out)
+        if kept:  # only the fields the pass declares it keeps (a lone tensor output is the field)
+            ref, out = ([o if isinstance(o, torch.Tensor) else o[k] for k in kept] for o in (ref, out))
+        err, where, scale = max_abs_error(ref, out)
         self.results.append((str(call), err))
         if err > self.atol + self.rtol * scale:
+            what = f"outputs {list(kept)}" if kept else "semantics"
             raise MeshcError(
-                f"numeric check failed: pass '{call}' declares it preserves semantics, but output "
+                f"numeric check failed: pass '{call}' declares it preserves {what}, but output "
                 f"{where} differs from the previous program by {err:.3g} (tolerance "
                 f"{self.atol:g} + {self.rtol:g}*{scale:.3g}). Bisect with `meshc bisect`."
             )
-        self._ref = out

@@ -27,6 +27,7 @@ class Pass:
     fn: Callable[..., Any]
     description: str
     preserves_semantics: bool
+    preserves_outputs: tuple[str, ...] = ()  # an architecture-changing pass's outputs that stay equal
 
     def options(self) -> dict[str, inspect.Parameter]:
         params = inspect.signature(self.fn).parameters.values()
@@ -50,13 +51,15 @@ class PassCall:
 PASSES: dict[str, Pass] = {}
 
 
-def register_pass(name: str, *, description: str, preserves_semantics: bool):
-    """Register `fn(program, **options) -> Program` as pass `name`."""
+def register_pass(name: str, *, description: str, preserves_semantics: bool,
+                  preserves_outputs: tuple[str, ...] = ()):
+    """Register `fn(program, **options) -> Program` as pass `name`. A pass that changes the
+    architecture may name the output fields it leaves equal (`NumericCheck` checks those)."""
 
     def wrap(fn):
         if name in PASSES:
             raise ValueError(f"pass {name!r} registered twice")
-        PASSES[name] = Pass(name, fn, description, preserves_semantics)
+        PASSES[name] = Pass(name, fn, description, preserves_semantics, tuple(preserves_outputs))
         return fn
 
     return wrap

@@ -16,6 +16,7 @@ from meshc.passes import (  # noqa: F401
     lint,
     pipeline_partition,
     propagate_shapes,
+    speculative_heads,
     split_stages,
     spmd_partition,
     weight_grad_outputs,
