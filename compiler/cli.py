@@ -352,6 +352,10 @@ def cmd_explain(args) -> int:
     shown = "none" if budget is None else f"{budget / 2**20:.2f} MiB per rank"
     print(f"meshc explain {args.model} on mesh '{spec}' (preset {args.preset}, budget {args.budget}: {shown})\n")
     print(explain(solution, baseline, args.node))
+    if spec.pp > 1 and args.node is None:  # the stages the default pipeline's pipeline_partition cuts
+        staged = meshc.PassManager(f"pipeline_partition(preset={args.preset})").run(program)
+        print(f"\npipeline stages on '{spec}' (pipeline_partition, before tensor-parallel sharding):")
+        print("\n".join(n for n in staged.notes if "pipeline_partition" in n or n.startswith("  ")))
     if args.save:
         solution.plan.save(args.save, program)
         print(f"\nplan written to {args.save} (graph {meshc.plan.graph_hash(program)})")
