@@ -6,6 +6,7 @@ calls the same function with instruments switched on; it has no logic of its own
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,8 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     max_cache_len: int | None = None,
     max_batch_size: int | None = None,
     generate: bool | None = None,
+    training: bool = False,
+    zero: int = 0,
 ):
     """Compile `model` for `mesh` and return a CompiledModel with the model's call signature.
 
@@ -52,6 +55,9 @@ def compile(  # noqa: A001 - the public name is meshc.compile
       example batch), generate (default: True when either is given): also capture a prefill and a
       decode Program with the KV cache as inputs (`meshc.capture_decode`), through the same pipeline,
       for `compiled.generate(...)`. A Hugging Face model is captured with use_cache=False for the forward.
+    training, zero: also make the Program trainable (`meshc.training`): `compiled.train_step`,
+      `make_optimizer`, `clip_grad_norm_` (`meshc.runtime.training`); zero=1/2/3 shards optimizer
+      state / gradients / parameters over the dp dim (ZeRO). zero>0 implies training.
     """
     from meshc.runtime.compiled_model import CompiledModel
 
@@ -59,6 +65,10 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     batch = _example_batch(example_inputs)
     # the one resolver; a schedule that cannot work fails here, before capture and before any rank waits
     resolved = resolve(spec, pipeline, plan, schedule, microbatches, virtual, batch)
+    if training or zero:
+        from meshc.training import training_pipeline
+
+        resolved = dataclasses.replace(resolved, pipeline=training_pipeline(resolved.pipeline, spec, zero))
     device_mesh = None
     if spec.size > 1:
         from meshc.runtime.mesh import device_mesh_for
@@ -115,17 +125,16 @@ def _forward_without_cache(model: torch.nn.Module, example_kwargs: dict | None) 
 
 def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len, max_batch_size):
     """Capture the prefill and decode Programs, run the pipeline on both (as rank `forward.rank`
-    with the forward's plan spec), bind them to the mesh, lower them (runtime). On a tp mesh the
-    cache is replicated (every rank holds every head's K/V; sharding it with the heads is not done
-    yet); dp and pp meshes are not supported yet."""
+    with the forward's plan spec), bind them to the mesh, lower them (runtime). The cache is placed
+    by `meshc.plan.held_placements`: heads over tp, batch over dp. pp meshes are not supported yet."""
     from meshc.capture_decode import capture_decode
     from meshc.errors import MeshcError
     from meshc.runtime.generate import Decoder
 
     spec = forward.mesh
-    if spec.dp > 1 or spec.pp > 1:
-        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (tensor-parallel meshes and one "
-                         f"device are); compile without max_cache_len for the distributed forward")
+    if spec.pp > 1:
+        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (one device, dp, tp and dp x tp "
+                         f"meshes are); compile without max_cache_len for the distributed forward")
     config = getattr(model, "config", None)
     if max_cache_len is None:
         max_cache_len = min(getattr(config, "max_position_embeddings", None) or 2048, 2048)

@@ -12,6 +12,8 @@ Entry points:
   the preset implements it (gloo's reduce-scatter is an all-reduce plus a local chunk).
 * `shardable(size, n)` — the one rule for whether mesh size `n` may shard a dim of `size`:
   shard what divides, replicate what does not.
+* `flat_shard(numel, n)` — ZeRO's exception to that rule (`passes/zero.py`): a parameter is
+  sharded flat over dp, padded with zeros to a multiple of `n`; (padded numel, shard numel).
 
 The table (R = Replicate, P = Partial, S(d) = Shard(d), IS = InterleavedShard):
 
@@ -67,6 +69,13 @@ class Step:
 def shardable(size: object, n: int) -> bool:
     """Whether mesh size `n` may shard a tensor dim of `size` (a symbolic size: never)."""
     return isinstance(size, int) and size >= n and size % n == 0
+
+
+def flat_shard(numel: int, n: int) -> tuple[int, int]:
+    """(padded numel, numel per rank) of a tensor of `numel` elements flattened and sharded over
+    `n` ranks; the padding (zeros, at the end) is what makes every size shardable."""
+    size = -(-numel // n)
+    return size * n, size
 
 
 def steps(have: Placement, want: Placement) -> list[Step]:
@@ -137,5 +146,5 @@ def describe_steps(have: Placement, want: Placement) -> str:
     return "+".join(s.op for s in steps(have, want) if s.is_collective)
 
 
-__all__ = ["ADJOINT", "IMPLEMENTED_AS", "Step", "describe_steps", "plan_steps", "shardable",
+__all__ = ["ADJOINT", "IMPLEMENTED_AS", "Step", "describe_steps", "flat_shard", "plan_steps", "shardable",
            "step_time", "steps", "transition_time"]

@@ -36,13 +36,41 @@ class CompiledModel(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **options: Any) -> torch.Tensor:
         """Prompt + new tokens, like Hugging Face's `model.generate` (greedy, or `do_sample=True`
-        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache."""
+        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache.
+        `speculative="medusa"` (with `tree=`) decodes with the heads of the speculative_heads pass."""
         if self.decoder is None:
             from meshc.errors import MeshcError
 
             raise MeshcError(f"{self.program.model_name} was compiled without a KV cache, so it cannot "
                              f"generate; compile with meshc.compile(..., max_cache_len=N) (or generate=True)")
+        if options.get("speculative"):  # Medusa tree decoding (meshc.runtime.speculative)
+            from meshc.runtime.speculative import speculative_generate
+
+            return speculative_generate(self.decoder, input_ids, attention_mask, **options)
+        options.pop("speculative", None)
         return self.decoder.generate(input_ids, attention_mask, **options)
+
+    # ---- training (meshc.runtime.training; compile with training=True, zero=N) ----------------
+    @property
+    def trainer(self):
+        if getattr(self, "_trainer", None) is None:
+            from meshc.runtime.training import Trainer
+
+            self._trainer = Trainer(self)
+        return self._trainer
+
+    def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
+        """Forward + backward of `loss_fn(output, target)` on the whole batch (every rank passes
+        it); returns the loss, accumulates this rank's gradient shards (like `loss.backward()`)."""
+        return self.trainer.train_step(inputs, target, loss_fn, kwargs)
+
+    def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
+        """A `cls` optimizer over this rank's shards; its step includes the stage's all-gathers."""
+        return self.trainer.make_optimizer(cls, **options)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm over every shard; returns the norm before clipping."""
+        return self.trainer.clip_grad_norm_(max_norm)
 
     def extra_repr(self) -> str:
         p = self.program

@@ -1,0 +1,35 @@
+"""What `meshc.compile(..., training=True, zero=N)` adds to the pipeline that runs.
+
+Entry point: `training_pipeline(pipeline, mesh, zero) -> str`. On a dp/tp mesh (or one device)
+the forward's passes run as for inference, then `differentiable_collectives` (every collective
+carries its adjoint from the one redistribution table) and `zero(stage=N)` (the trainable
+parameters' placements on dp and their gradients' reductions), before `lint`. The resulting
+Program is what `CompiledModel.train_step` differentiates (`meshc.runtime.training`). A pp mesh
+already trains through the pipeline runtime (its resolver adds the differentiable collectives);
+ZeRO on it is not implemented yet, which is an error here, before capture.
+"""
+
+from __future__ import annotations
+
+from meshc.errors import MeshcError
+from meshc.mesh import MeshSpec
+from meshc.pipeline import parse_pipeline
+
+
+def training_pipeline(pipeline: str, mesh: MeshSpec, zero: int = 0) -> str:
+    if zero not in (0, 1, 2, 3):
+        raise MeshcError(f"zero={zero!r} is not a ZeRO stage; use 0 (data parallel), 1 (optimizer state sharded), "
+                         f"2 (and gradients) or 3 (and parameters)")
+    if mesh.pp > 1:
+        if zero:
+            raise MeshcError(f"zero={zero} on a pp mesh ('{mesh}') is not implemented yet; the pipeline runtime "
+                             f"trains with zero=0 (PipelineModel.train_step)")
+        return pipeline
+    if zero and mesh.dp <= 1:
+        raise MeshcError(f"zero={zero} shards over the 'dp' dim, but mesh '{mesh}' has none; use zero=0 or a mesh "
+                         f"with dp>1 such as 'dp=2'")
+    names = [c.name for c in parse_pipeline(pipeline)]
+    added = [] if "differentiable_collectives" in names else ["differentiable_collectives"]
+    added += [] if "zero" in names else [f"zero(stage={zero})"]
+    head, lint = (pipeline.strip()[:-len("lint")].rstrip(", "), ",lint") if names[-1:] == ["lint"] else (pipeline, "")
+    return ",".join([head, *added]) + lint

@@ -1,0 +1,196 @@
+"""Training a compiled model on any mesh meshc runs (one device, dp, tp, dp x tp), with ZeRO 0-3.
+
+Entry point: `Trainer(compiled)`, which `CompiledModel.train_step / make_optimizer /
+clip_grad_norm_` create on first use:
+
+    model = meshc.compile(model, mesh, example_inputs=(ids,), training=True, zero=3)
+    opt = model.make_optimizer(torch.optim.AdamW, lr=1e-3)   # a torch optimizer over this rank's shards
+    loss = model.train_step((ids,), target, loss_fn)         # the whole batch on every rank
+    opt.step(); opt.zero_grad()
+
+How it runs. The Program arrives with its collectives differentiable (`differentiable_collectives`)
+and every trainable parameter read through a `zero_param` node (the `zero` pass, which records in
+`meta['meshc_zero']` what each placeholder holds). Here the trainable state becomes autograd
+leaves, the forward runs through the lowered graph, `loss_fn(output, target)` runs eagerly on the
+(replicated) output, and one `backward` of loss / mesh.size (the outputs' all-gather over dp sums
+the dp copies; tp as in the pipeline) lands each gradient, already reduced over dp by the graph's
+adjoints, in `.grad` of the leaves. Calling `train_step` N times before `opt.step()` is gradient
+accumulation.
+
+The optimizer is the given torch class over what this rank updates: the parameters (zero=0), a
+flat dp shard of each (zero=1: a copy, its gradient sliced from the all-reduced one before the
+step; zero=2/3: the leaves themselves). After the step, zero=1/2 all-gather the updated shards in
+one bucket into the full parameters the next forward reads. `clip_grad_norm_` uses the global
+norm: squares summed over every rank, each counted once however many ranks hold it.
+
+Never rewrites a graph; every collective names a group the runtime bound (`MeshSpec.group_name`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from meshc.errors import MeshcError
+from meshc.mesh import DP
+from meshc.placement import Replicate
+from meshc.program import trainable
+from meshc.redistribute import flat_shard
+
+
+def _c10d():
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
+
+    return torch.ops._c10d_functional
+
+
+@dataclass
+class Slot:
+    """One trainable tensor (tied placeholders share one): what autograd fills (`leaf`), what the
+    optimizer updates (`shard`), what the forward reads after a step (`full`, zero=1/2)."""
+
+    fqn: str
+    leaf: torch.Tensor
+    shard: torch.Tensor
+    full: torch.Tensor | None
+    shape: tuple
+    replicas: int  # ranks holding the same gradient values (Replicate dims, dp below stage 2)
+
+
+class Trainer:
+    def __init__(self, compiled):
+        program = compiled.program
+        nodes = [p for p in program.placeholders() if trainable(p)]
+        infos = [p.meta.get("meshc_zero") for p in nodes if p.users]
+        if not infos or any(i is None for i in infos):
+            raise MeshcError(f"{program.model_name} was compiled for inference; compile with "
+                             f"meshc.compile(..., training=True[, zero=N]) to call train_step or make_optimizer")
+        if compiled.backend != "aten":
+            raise MeshcError(f"train_step runs on the aten backend only: the {compiled.backend} backend has no "
+                             f"backward kernels. Compile with backend='aten' (or 'auto' on a CPU) to train.")
+        self.compiled, self.program, mesh = compiled, program, program.mesh
+        self.stage, self.dp = infos[0]["stage"], mesh.dp
+        self.dp_coord = mesh.coord(program.rank, DP)
+        self.dp_group = mesh.group_name(DP) if self.dp > 1 else None
+        self.slots: list[Slot] = []
+        leaves: dict[int, torch.Tensor] = {}
+        for ph in nodes:
+            t = program.state[ph.name]
+            if id(t) not in leaves:
+                leaves[id(t)] = torch.nn.Parameter(t.detach(), requires_grad=True)
+                self.slots.append(self._slot(ph, leaves[id(t)], mesh))
+            program.state[ph.name] = leaves[id(t)]
+        compiled.rebind()
+
+    def _slot(self, ph, leaf, mesh) -> Slot:
+        info = ph.meta["meshc_zero"]
+        pls = ph.meta.get("meshc_placement") or ()
+        dp_i = mesh.index(DP)
+        replicas = math.prod(n for i, (p, n) in enumerate(zip(pls, mesh.sizes))
+                             if isinstance(p, Replicate) and (i != dp_i or self.stage < 2))
+        shard, full = leaf, None
+        if self.stage == 1:
+            padded, size = flat_shard(leaf.numel(), self.dp)
+            flat = torch.nn.functional.pad(leaf.detach().reshape(-1), (0, padded - leaf.numel()))
+            shard = torch.nn.Parameter(flat[self.dp_coord * size:(self.dp_coord + 1) * size].clone())
+            full = leaf
+        elif self.stage == 2:
+            full = self.program.state[info["full"]]
+        return Slot(self.program.fqn(ph.name), leaf, shard, full, tuple(info["shape"]), replicas)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        flat = self.program.bind_inputs(args, kwargs or {})
+        with torch.enable_grad():
+            out = self.program.unflatten_outputs(self.compiled._run_flat(flat))
+            loss = loss_fn(out, target)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+                raise MeshcError(f"loss_fn must return a scalar tensor that depends on the output; got "
+                                 f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+            (loss / self.program.mesh.size).backward()
+        return loss.detach()
+
+    # ---- optimizer ------------------------------------------------------------------------------
+    def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
+        """An instance of (a subclass of) `cls` over this rank's shards; its step includes what the
+        stage needs after the update, its zero_grad clears the full gradients too."""
+        trainer = self
+
+        def zero_grad(opt, set_to_none: bool = True) -> None:
+            cls.zero_grad(opt, set_to_none)
+            for s in trainer.slots:
+                if s.leaf is not s.shard:
+                    s.leaf.grad = None
+
+        sharded = type(f"ZeRO{self.stage}{cls.__name__}", (cls,), {"zero_grad": zero_grad})
+        opt = sharded([s.shard for s in self.slots], **options)
+        opt.register_step_pre_hook(lambda *_: self._before_step())
+        opt.register_step_post_hook(lambda *_: self._after_step())
+        return opt
+
+    def _before_step(self) -> None:
+        if self.stage != 1:
+            return
+        for s in self.slots:  # zero=1: this rank's slice of the all-reduced gradient
+            if s.leaf.grad is not None:
+                s.shard.grad = self._flat_slice(s.leaf.grad)
+                s.leaf.grad = None
+
+    def _flat_slice(self, t: torch.Tensor) -> torch.Tensor:
+        padded, size = flat_shard(t.numel(), self.dp)
+        flat = torch.nn.functional.pad(t.reshape(-1), (0, padded - t.numel()))
+        return flat[self.dp_coord * size:(self.dp_coord + 1) * size].clone()
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        """zero=1/2: all-gather every updated shard (one bucket) into the full parameters."""
+        if self.stage not in (1, 2):
+            return
+        bucket = torch.cat([s.shard.detach().reshape(-1) for s in self.slots])
+        c = _c10d()
+        gathered = c.wait_tensor(c.all_gather_into_tensor(bucket, self.dp, self.dp_group)).view(self.dp, -1)
+        offset = 0
+        for s in self.slots:
+            size = s.shard.numel()
+            whole = gathered[:, offset:offset + size].reshape(-1)[:s.full.numel()]
+            s.full.copy_(whole.view(s.full.shape))
+            offset += size
+
+    # ---- gradient clipping ----------------------------------------------------------------------
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale every gradient so the global 2-norm over all shards is at most `max_norm` (as
+        `torch.nn.utils.clip_grad_norm_` on the whole model); returns the norm before clipping."""
+        grads = [(g, s.replicas) for s in self.slots if (g := self._grad(s)) is not None]
+        sq = sum((g.double().pow(2).sum() / r for g, r in grads), torch.zeros((), dtype=torch.float64))
+        if dist.is_initialized() and self.program.mesh.size > 1:
+            dist.all_reduce(sq)
+        total = sq.sqrt().float()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g, _ in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    def _grad(self, s: Slot) -> torch.Tensor | None:
+        return s.leaf.grad if self.stage < 2 else s.shard.grad
+
+    def local_parameters(self) -> dict[str, torch.Tensor]:
+        """FQN -> the tensor the optimizer updates on this rank (a flat dp shard under zero>=1)."""
+        return {s.fqn: s.shard for s in self.slots}
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """FQN -> this rank's local (tp-sharded) parameter, all-gathered over dp where it is
+        sharded there (a collective: every rank must call it)."""
+        out = {}
+        c = _c10d()
+        for s in self.slots:
+            if self.stage < 2:
+                out[s.fqn] = (s.full if s.full is not None else s.leaf).detach()
+                continue
+            g = c.wait_tensor(c.all_gather_into_tensor(s.shard.detach().contiguous(), self.dp, self.dp_group))
+            out[s.fqn] = g[:math.prod(s.shape)].view(s.shape)
+        return out
