@@ -125,16 +125,17 @@ def _forward_without_cache(model: torch.nn.Module, example_kwargs: dict | None) 
 
 def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len, max_batch_size):
     """Capture the prefill and decode Programs, run the pipeline on both (as rank `forward.rank`
-    with the forward's plan spec), bind them to the mesh, lower them (runtime). The cache is placed
-    by `meshc.plan.held_placements`: heads over tp, batch over dp. pp meshes are not supported yet."""
+    with the forward's plan spec), bind them to the mesh, lower them (runtime). On a tp mesh the
+    cache is replicated (every rank holds every head's K/V; sharding it with the heads is not done
+    yet); dp and pp meshes are not supported yet."""
     from meshc.capture_decode import capture_decode
     from meshc.errors import MeshcError
     from meshc.runtime.generate import Decoder
 
     spec = forward.mesh
-    if spec.pp > 1:
-        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (one device, dp, tp and dp x tp "
-                         f"meshes are); compile without max_cache_len for the distributed forward")
+    if spec.dp > 1 or spec.pp > 1:
+        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (tensor-parallel meshes and one "
+                         f"device are); compile without max_cache_len for the distributed forward")
     config = getattr(model, "config", None)
     if max_cache_len is None:
         max_cache_len = min(getattr(config, "max_position_embeddings", None) or 2048, 2048)

@@ -31,14 +31,10 @@ META: dict[str, str] = {
     "stage's input from the previous stage)",
     "meshc_name": "placeholders only: parameter/buffer FQN ('model.layers.0.mlp.up_proj.weight') "
     "or the user input's pytree path (\"args[0]\", \"kwargs['attention_mask']\")",
-    "meshc_held": "user placeholders only: (batch dim, heads dim) of a tensor the runtime holds in its local "
-    "shape and the graph writes in place (the KV cache); `meshc.plan.held_placements` places it",
     "meshc_pass": "name of the pass that created or last rewrote this node",
     "meshc_placement": "tuple of DTensor placements (Shard(d) | Replicate() | Partial()), one per mesh dim",
     "meshc_stage": "pipeline stage index (int) this node runs in",
     "meshc_cost": "predicted cost of this node in seconds, from meshc's cost model",
-    "meshc_layer": "residual adds only: the original model's 0-based decoder layer this sub-layer belongs to (a "
-    "tuple for a fused run), stamped by passes that remove or fuse sub-layers so layers keep their numbers",
     "meshc_zero": "trainable placeholders only, set by the zero pass: {'stage', 'dp', 'shape' (the local "
     "parameter's), 'full' (stage 2: the placeholder of its full copy)}; stage >= 2: it holds a flat dp shard",
 }
