@@ -36,12 +36,18 @@ class CompiledModel(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **options: Any) -> torch.Tensor:
         """Prompt + new tokens, like Hugging Face's `model.generate` (greedy, or `do_sample=True`
-        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache."""
+        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache.
+        `speculative="medusa"` (with `tree=`) decodes with the heads of the speculative_heads pass."""
         if self.decoder is None:
             from meshc.errors import MeshcError
 
             raise MeshcError(f"{self.program.model_name} was compiled without a KV cache, so it cannot "
                              f"generate; compile with meshc.compile(..., max_cache_len=N) (or generate=True)")
+        if options.get("speculative"):  # Medusa tree decoding (meshc.runtime.speculative)
+            from meshc.runtime.speculative import speculative_generate
+
+            return speculative_generate(self.decoder, input_ids, attention_mask, **options)
+        options.pop("speculative", None)
         return self.decoder.generate(input_ids, attention_mask, **options)
 
     # ---- training (meshc.runtime.training; compile with training=True, zero=N) ----------------
