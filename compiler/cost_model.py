@@ -53,6 +53,14 @@ class DevicePreset:
     inter_beta: float
     devices_per_node: int
     collective_backend: str = "nccl"  # process-group backend: how collectives are implemented (redistribute)
+    dispatch_overhead: float = 0.0  # seconds per executed graph node: framework dispatch / kernel launch
+    matmul_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one matmul, FLOP/s); () = peak_flops
+    collective_fits: tuple[tuple[str, float, float], ...] = ()  # measured (collective, alpha, beta), in-node groups
+    source: str = ""  # the preset file it came from, if any
+
+    def fit(self, kind: str) -> tuple[float, float] | None:
+        """(alpha, beta) measured for collective `kind` on this backend, if calibrated."""
+        return next(((a, b) for k, a, b in self.collective_fits if k == kind), None)
 
     def link(self, inter_node: bool = False) -> tuple[float, float]:
         """(alpha, beta) of the link a collective uses."""
@@ -73,28 +81,39 @@ PRESETS: dict[str, DevicePreset] = {
             devices_per_node=64,  # one host holds all local ranks
             collective_backend="gloo",
         ),
-        DevicePreset(
-            name="h100-nvlink",
-            peak_flops=989e12,  # H100 SXM datasheet: bf16 dense tensor core (1979e12 is with sparsity)
-            mem_bandwidth=3.35e12,  # H100 SXM datasheet: HBM3 3.35 TB/s
-            intra_alpha=5e-6,  # NCCL ring step over NVLink/NVSwitch, ~5 us (nccl-tests small messages)
-            intra_beta=1 / 450e9,  # NVLink4 900 GB/s bidirectional -> 450 GB/s per direction bus bandwidth
-            inter_alpha=10e-6,  # InfiniBand NDR + NCCL proxy, ~10 us
-            inter_beta=1 / 50e9,  # one 400 Gb/s ConnectX-7 NIC per GPU = 50 GB/s
-            devices_per_node=8,  # HGX H100 8-GPU board
-        ),
-        DevicePreset(
-            name="h200-nvlink",
-            peak_flops=989e12,  # H200 SXM datasheet: same Hopper compute as H100, bf16 dense
-            mem_bandwidth=4.8e12,  # H200 SXM datasheet: HBM3e 4.8 TB/s
-            intra_alpha=5e-6,  # same NVLink4/NVSwitch fabric as HGX H100
-            intra_beta=1 / 450e9,
-            inter_alpha=10e-6,  # same 400 Gb/s InfiniBand per GPU as above
-            inter_beta=1 / 50e9,
-            devices_per_node=8,  # HGX H200 8-GPU board
-        ),
     )
 }
+
+
+def load_preset(path: str) -> DevicePreset:
+    """A preset from a JSON file {"name", "figures": {field: value}, "sources": {field: citation}}
+    (what `meshc calibrate` writes; `compiler/presets/` holds the published-figure presets)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(f"preset file {path!r} does not exist; write one with `meshc calibrate --out {path}`")
+    try:
+        data = json.loads(file.read_text())
+        figures = dict(data["figures"])
+        for k in ("matmul_curve", "collective_fits"):
+            figures[k] = tuple(tuple(x) for x in figures.get(k, ()))
+        return DevicePreset(name=data["name"], source=str(file), **figures)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpecError(f"preset file {path!r} is not a meshc preset ({type(e).__name__}: {e}); it needs "
+                        f"'name' and 'figures' with DevicePreset's fields") from None
+
+
+def _preset_files() -> None:
+    from pathlib import Path
+
+    for f in sorted((Path(__file__).parent / "presets").glob("*.json")):
+        p = load_preset(str(f))
+        PRESETS[p.name] = p
+
+
+_preset_files()
 
 
 def default_preset(program) -> str:
@@ -113,44 +132,47 @@ def get_preset(name_or_preset: str | DevicePreset) -> DevicePreset:
         raise TypeError(f"expected a preset name or a DevicePreset, got {type(name_or_preset).__name__}")
     if name_or_preset in PRESETS:
         return PRESETS[name_or_preset]
+    if name_or_preset.endswith(".json"):
+        return load_preset(name_or_preset)
     close = difflib.get_close_matches(name_or_preset, PRESETS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise SpecError(
         f"unknown device preset {name_or_preset!r}{hint}; valid names: {', '.join(sorted(PRESETS))}, "
-        f"or pass a DevicePreset (e.g. the one calibrate_cpu() returns)"
+        f"a preset file (*.json, from `meshc calibrate`), or a DevicePreset"
     )
 
 
 # ---- collectives: alpha-beta cost of ring algorithms; nbytes is the full (unsharded) tensor ----
 
 
-def _ring(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool, rounds: int) -> float:
+def _ring(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool, rounds: int, kind: str = "") -> float:
     if n < 1 or nbytes < 0:
         raise ValueError(f"collective cost needs group size n >= 1 and nbytes >= 0, got n={n}, nbytes={nbytes}")
     if n == 1:
         return 0.0
-    alpha, beta = get_preset(preset).link(inter_node)
+    p = get_preset(preset)
+    alpha, beta = (None if inter_node else p.fit(kind)) or p.link(inter_node)
     return rounds * ((n - 1) / n * nbytes * beta + (n - 1) * alpha)
 
 
 def all_reduce_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
     """Ring all-reduce = reduce-scatter + all-gather: 2(n-1)/n * nbytes * beta + 2(n-1) * alpha."""
-    return _ring(nbytes, n, preset, inter_node, rounds=2)
+    return _ring(nbytes, n, preset, inter_node, rounds=2, kind="all_reduce")
 
 
 def all_gather_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
     """Ring all-gather of a tensor of nbytes in total: (n-1)/n * nbytes * beta + (n-1) * alpha."""
-    return _ring(nbytes, n, preset, inter_node, rounds=1)
+    return _ring(nbytes, n, preset, inter_node, rounds=1, kind="all_gather_into_tensor")
 
 
 def reduce_scatter_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
     """Ring reduce-scatter of an nbytes input: (n-1)/n * nbytes * beta + (n-1) * alpha."""
-    return _ring(nbytes, n, preset, inter_node, rounds=1)
+    return _ring(nbytes, n, preset, inter_node, rounds=1, kind="reduce_scatter_tensor")
 
 
 def all_to_all_time(nbytes: float, n: int, preset: DevicePreset | str, inter_node: bool = False) -> float:
     """All-to-all of an nbytes tensor (each rank keeps 1/n): (n-1)/n * nbytes * beta + (n-1) * alpha."""
-    return _ring(nbytes, n, preset, inter_node, rounds=1)
+    return _ring(nbytes, n, preset, inter_node, rounds=1, kind="all_to_all_single")
 
 
 def p2p_time(nbytes: float, preset: DevicePreset | str, inter_node: bool = False) -> float:
@@ -269,9 +291,34 @@ def node_flops_and_bytes(node: fx.Node) -> tuple[int, int]:
     return sum(_numel(t) for t in outs), io_bytes
 
 
+def matmul_rate(flops: float, preset: DevicePreset | str) -> float:
+    """FLOP/s a matmul of `flops` reaches: the preset's measured curve (log-log interpolation,
+    clamped at its ends), else peak_flops."""
+    p = get_preset(preset)
+    curve = sorted(p.matmul_curve)
+    if not curve or flops <= 0:
+        return p.peak_flops
+    if flops <= curve[0][0]:
+        return curve[0][1]
+    for (f0, r0), (f1, r1) in zip(curve, curve[1:]):
+        if flops <= f1:
+            w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
+    return curve[-1][1]
+
+
+_MATMUL_LIKE = {*_MATMUL_LHS, aten.scaled_dot_product_attention.default}
+
+
 def node_time(node: fx.Node, preset: DevicePreset | str) -> float:
-    """Predicted seconds for one FX node's compute on `preset` (roofline of node_flops_and_bytes)."""
-    return compute_time(*node_flops_and_bytes(node), preset)
+    """Predicted seconds for one FX node's compute on `preset`: roofline of node_flops_and_bytes,
+    matmuls at the rate the preset measured for their size (`matmul_rate`). Dispatch overhead is
+    per executed node and is added by whole-program predictions (`meshc.predict`), not here."""
+    p = get_preset(preset)
+    flops, nbytes = node_flops_and_bytes(node)
+    if p.matmul_curve and node.target in _MATMUL_LIKE:
+        return max(flops / matmul_rate(flops, p), nbytes / p.mem_bandwidth)
+    return compute_time(flops, nbytes, p)
 
 
 def _best_time(fn: Callable[[], object], budget: float) -> float:
