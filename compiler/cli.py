@@ -1,9 +1,9 @@
 """The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
 
 Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`,
-`schedule`, `kernels`, `generate`. The CLI holds no compiler logic of its own: each command builds a pipeline string and
-instruments and calls the library. Errors meshc raises on purpose print as one clear message and exit with status 2
-(`MESHC_TRACEBACK=1` shows their traceback); any other exception is a bug and shows its traceback.
+`schedule`, `kernels`, `generate`, `calibrate`. The CLI holds no compiler logic of its own: each command builds a
+pipeline string and instruments and calls the library. Errors meshc raises on purpose print as one clear message and
+exit with status 2 (`MESHC_TRACEBACK=1` shows their traceback); any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -158,6 +158,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails --run")
     s.set_defaults(func=cmd_schedule)
 
+    s = sub.add_parser("calibrate", help="measure this machine with microbenchmarks and write a cost-model preset file")
+    s.add_argument("--mesh", default=None, help="also measure collectives on this local mesh, e.g. tp=2")
+    s.add_argument("--out", default="cpu-calibrated.json", help="preset file to write (--preset FILE reads it)")
+    s.add_argument("--name", default="cpu-calibrated", help="the preset's name")
+    s.add_argument("--seconds", type=float, default=1.0, help="time per microbenchmark group (default 1)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads while measuring (default 1)")
+    s.set_defaults(func=cmd_calibrate)
+
     s = sub.add_parser("generate", help="compile MODEL with a KV cache and generate from a prompt", epilog=EPILOG)
     s.add_argument("model", metavar="MODEL", help=EPILOG)
     s.add_argument("--prompt", default="def ", help="the prompt: text for reference-lm (bytes), else token ids "
@@ -171,6 +179,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="torch seed for --do-sample (default 0)")
     s.set_defaults(func=cmd_generate)
     return p
+
+
+def cmd_calibrate(args) -> int:
+    """Microbenchmarks only (meshc.calibrate) -> a preset file for --preset / preset=."""
+    from meshc.calibrate import calibrate, summary, write_preset
+
+    preset, raw = calibrate(args.mesh, args.seconds, args.threads, args.name)
+    write_preset(preset, args.out, raw)
+    print(summary(preset))
+    print(f"wrote {args.out}; use it with --preset {args.out} (or preset='{args.out}' in the cost model)")
+    return 0
 
 
 def cmd_generate(args) -> int:

@@ -54,6 +54,7 @@ class DevicePreset:
     devices_per_node: int
     collective_backend: str = "nccl"  # process-group backend: how collectives are implemented (redistribute)
     dispatch_overhead: float = 0.0  # seconds per executed graph node: framework dispatch / kernel launch
+    call_overhead: float = 0.0  # seconds per call of a compiled program, besides its nodes (binding inputs)
     matmul_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one matmul, FLOP/s); () = peak_flops
     collective_fits: tuple[tuple[str, float, float], ...] = ()  # measured (collective, alpha, beta), in-node groups
     source: str = ""  # the preset file it came from, if any
