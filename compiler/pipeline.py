@@ -44,7 +44,7 @@ class PassCall:
         return self.pass_.name
 
     def __str__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        opts = ",".join(f"{k}={_quote(v)}" for k, v in self.options.items())
         return f"{self.name}({opts})" if opts else self.name
 
 
@@ -96,7 +96,7 @@ def parse_pipeline(text: str) -> list[PassCall]:
 def _parse_options(p: Pass, text: str) -> dict[str, Any]:
     valid = p.options()
     out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in filter(None, (s.strip() for s in _OPTION.findall(text))):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep:
@@ -104,8 +104,25 @@ def _parse_options(p: Pass, text: str) -> dict[str, Any]:
         if key not in valid:
             names = ", ".join(valid) or "none"
             raise PipelineError(f"pass {p.name!r} has no option {key!r}; its options: {names}")
-        out[key] = _convert(p.name, key, value.strip(), valid[key].annotation)
+        out[key] = _convert(p.name, key, _unquote(value.strip()), valid[key].annotation)
     return out
+
+
+#: One option 'key=value' of a pass call; a value in quotes ('1-2,4-6' or "3,5,7") may hold commas.
+_OPTION = re.compile(r"""(?:[^,'"]|'[^']*'|"[^"]*"|['"])+""")
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if "'" in value or '"' in value:
+        raise PipelineError(f"option value {value!r} has an unmatched quote; write 'a,b' to keep commas in a value")
+    return value
+
+
+def _quote(value: Any) -> str:
+    """An option value as the pipeline string spells it (quoted when it holds a comma)."""
+    return f"'{value}'" if isinstance(value, str) and "," in value else str(value)
 
 
 def _convert(pass_name: str, key: str, value: str, annotation: Any) -> Any:

@@ -39,6 +39,8 @@ META: dict[str, str] = {
     "parameter's), 'full' (stage 2: the placeholder of its full copy)}; stage >= 2: it holds a flat dp shard",
 }
 
+    "meshc_layer": "residual adds only: the original model's 0-based decoder layer this sub-layer belongs to (a "
+    "tuple for a fused run), stamped by passes that remove or fuse sub-layers so layers keep their numbers",
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
 
 

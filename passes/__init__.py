@@ -9,11 +9,14 @@ rewrites a graph is a pass — sharding (`auto_shard`, `spmd_partition`), pipeli
 """
 
 from meshc.passes import (  # noqa: F401
+    attention_removal,
     auto_shard,
     dce,
     differentiable_collectives,
+    ffn_fusion,
     ladder_residual,
     lint,
+    parallel_blocks,
     pipeline_partition,
     propagate_shapes,
     speculative_heads,

@@ -12,36 +12,17 @@ it computes (spmd_partition schedules waits as late as dependencies allow). No p
 added; the model computes something else and must be healed (Ladder Residual, 2025).
 `delay=0` leaves the Program unchanged. The residual stream and its layers are found from the
 graph (`residual_stream.py`: a layer starts at each attention sub-layer); `layers` selects
-transformer layers: `all`, `last:N`, `first:N`, or a 0-based range `i-j` (inclusive). A post-norm
+transformer layers (`meshc.passes.layer_select`: `all`, `last:N`, `first:N`, `i-j`, `'3,5,7'`). A post-norm
 decoder has no residual stream to rewire: the error names the norm node.
 """
 
 from __future__ import annotations
 
-import re
-
 from meshc.errors import MeshcError, NodeError
+from meshc.passes.layer_select import select_layers
 from meshc.passes.residual_stream import find_residual_stream
 from meshc.pipeline import register_pass
 from meshc.program import Program
-
-
-def select_layers(spec: str, n_layers: int) -> list[int]:
-    """0-based transformer layer indices named by `spec`."""
-    s = spec.strip()
-    if s == "all":
-        return list(range(n_layers))
-    if m := re.fullmatch(r"(last|first):(\d+)", s):
-        n = int(m.group(2))
-        if not 1 <= n <= n_layers:
-            raise MeshcError(f"layers={s}: the model has {n_layers} layers; N must be in 1..{n_layers}")
-        return list(range(n_layers - n, n_layers)) if m.group(1) == "last" else list(range(n))
-    if m := re.fullmatch(r"(\d+)(?:-(\d+))?", s):
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if not 0 <= lo <= hi < n_layers:
-            raise MeshcError(f"layers={s}: layer indices must lie in 0..{n_layers - 1}")
-        return list(range(lo, hi + 1))
-    raise MeshcError(f"layers={spec!r}: write all, last:N, first:N, an index i or a range i-j (0-based)")
 
 
 @register_pass("ladder_residual", preserves_semantics=False,

@@ -10,8 +10,9 @@ sub-layer h = F(Norm(x)) reads the stream it is added to). Residual adds chained
 Sub-layer k (1-based) is `h_k`; its *body* is every node between the stream value it reads and
 `h_k`. Sub-layers group into transformer layers (`layers()`): a layer starts at each sub-layer
 that attends (SDPA, or a softmax over a product of two activations) and takes the sub-layers after
-it that do not. A sequential block is (attention, MLP); a parallel block (GPT-J, GPT-NeoX, Falcon:
-attention and MLP read the same stream, one residual add) is one sub-layer. Used by
+it that do not, unless a pass stamped the adds with their original layers (`meshc_layer`). A
+sequential block is (attention, MLP); a parallel block (GPT-J, GPT-NeoX, Falcon: attention and MLP
+read the same stream, one residual add) is one sub-layer. Used by
 ladder_residual and pipeline_partition (and by FFN fusion to find consecutive sub-layers).
 
 A post-norm decoder (x_k = Norm(x_{k-1} + F(x_{k-1}))) has no residual stream: each add feeds a
@@ -50,10 +51,19 @@ class ResidualStream:
     def layers(self) -> list[list[int]]:
         """Sub-layers (1-based) grouped into transformer layers, e.g. [[1, 2], [3, 4]] for two
         sequential blocks, [[1], [2]] for two parallel ones. Without any attention (a residual MLP
-        stack) every sub-layer is a layer."""
+        stack) every sub-layer is a layer. A residual add a pass stamped with `meshc_layer` (the
+        original model's layer, or a tuple of layers for a fused run) keeps that number, so a
+        layer whose attention was removed keeps its place; a layer fused into the one before it
+        is an empty list."""
         out: list[list[int]] = []
         for k in range(1, len(self) + 1):
-            if not out or self.attends(k):
+            tag = self.adds[k - 1].meta.get("meshc_layer")
+            tags = tag if isinstance(tag, tuple) else (tag,)
+            if tag is not None:
+                while len(out) <= max(tags):
+                    out.append([])
+                out[tags[0]].append(k)
+            elif not out or self.attends(k):
                 out.append([k])
             else:
                 out[-1].append(k)
@@ -134,6 +144,8 @@ def find_residual_stream(program: Program, min_length: int = 2) -> ResidualStrea
         while True:
             reach = _reshaped(chain[-1])
             nxt = [u for r in reach for u in r.users if u in pairs and pairs[u][0] in reach]
+            if len(nxt) > 1:  # a block whose inner adds (x + attn) feed its own final sum: continue there
+                nxt = [u for u in nxt if all(v is u or v in _ancestors(u) for v in nxt)]
             if len(nxt) != 1:
                 break
             chain.append(nxt[0])
