@@ -35,12 +35,12 @@ META: dict[str, str] = {
     "meshc_placement": "tuple of DTensor placements (Shard(d) | Replicate() | Partial()), one per mesh dim",
     "meshc_stage": "pipeline stage index (int) this node runs in",
     "meshc_cost": "predicted cost of this node in seconds, from meshc's cost model",
+    "meshc_layer": "residual adds only: the original model's 0-based decoder layer this sub-layer belongs to (a "
+    "tuple for a fused run), stamped by passes that remove or fuse sub-layers so layers keep their numbers",
     "meshc_zero": "trainable placeholders only, set by the zero pass: {'stage', 'dp', 'shape' (the local "
     "parameter's), 'full' (stage 2: the placeholder of its full copy)}; stage >= 2: it holds a flat dp shard",
 }
 
-    "meshc_layer": "residual adds only: the original model's 0-based decoder layer this sub-layer belongs to (a "
-    "tuple for a fused run), stamped by passes that remove or fuse sub-layers so layers keep their numbers",
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)')
 
 
