@@ -14,8 +14,9 @@ of trained heads (`MedusaHeads.state_dict()` keys; `examples/train_medusa.py` wr
 The output gains `medusa_logits` [heads, batch, seq, vocab] (a Hugging Face output gets a subclass
 with that field; a single-tensor output becomes {"logits", "medusa_logits"}); the base logits are
 untouched — the pass declares `preserves_outputs=("logits",)` and `NumericCheck` compares exactly
-those. Run it before the sharding passes: each head is the same linear pattern as lm_head, so
-spmd_partition shards its projection as the plan shards lm_head (`head_placements_like_lm_head`).
+those. On a mesh it runs after auto_shard and before spmd_partition (`pipeline_with_heads`): the
+plan is resolved without the heads, then each head's projection gets lm_head's placement (the
+blocks stay replicated), so spmd_partition shards it like lm_head.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def speculative_heads(program: Program, *, heads: int = 4, layers: int = 1, weig
     if any(n.meta["meshc_name"].startswith(PREFIX) for n in program.placeholders("parameter")):
         raise MeshcError("speculative_heads: the program already has Medusa heads (the pass ran twice?)")
     lm_head, weight, _ = find_lm_head(program)
+    plan = _resolved_plan(program)  # before the heads exist: they must not change the model's own plan
     x = lm_head.args[0]
     tensors = _head_tensors(program.state[weight.name], heads, layers, weights)
     graph = program.graph
@@ -116,12 +118,44 @@ def speculative_heads(program: Program, *, heads: int = 4, layers: int = 1, weig
     flat = list(output.args[0])
     output.args = ((*flat, stacked),)
     program.out_spec = _with_medusa_field(program.out_spec)
+    if plan is not None:  # each head's projection placed like lm_head; the blocks replicated
+        lm = plan.for_param(weight.meta["meshc_name"])
+        plan.params.update({PREFIX + f"{i}.proj.weight": lm for i in range(heads)})
+        program.plan = plan
     program.gm.recompile()
     _fill_vals(program)
     program.notes.append(f"speculative_heads: {heads} Medusa head(s) of {layers} residual block(s) beside "
                          f"%{lm_head.name} ({weight.meta['meshc_name']}), "
                          f"{'weights from ' + weights if weights else 'initialised from lm_head'}")
     return program
+
+
+def _resolved_plan(program: Program):
+    """A copy of the sharding Plan of a Program on a mesh (None on one device or without a plan)."""
+    if program.mesh.size <= 1 or program.plan is None:
+        return None
+    if program.plan == "auto":
+        raise MeshcError(f"{_PASS} runs after auto_shard on a mesh (auto_shard sizes the plan for the model; the "
+                         f"heads then take lm_head's placement): put it between auto_shard and spmd_partition, "
+                         f"e.g. 'dce,auto_shard,{_PASS},spmd_partition,lint' (see pipeline_with_heads)")
+    from meshc.plan import make_plan
+
+    plan = make_plan(program.plan, program, program.mesh)
+    return dataclasses.replace(plan, params=dict(plan.params), inputs=dict(plan.inputs))
+
+
+def pipeline_with_heads(pipeline: str, options: str = "") -> str:
+    """`pipeline` (e.g. `meshc.pipeline.resolve(...).pipeline`) with the pass added where it belongs:
+    right before spmd_partition on a mesh (after auto_shard), else right after dce (or first)."""
+    call = f"{_PASS}({options})" if options else _PASS
+    parts = [p.strip() for p in pipeline.split(",") if p.strip()] if "(" not in pipeline else None
+    if parts is None:
+        raise MeshcError(f"pipeline_with_heads takes a pipeline of pass names without options; got {pipeline!r}")
+    if "spmd_partition" in parts:
+        at = parts.index("spmd_partition")
+    else:
+        at = parts.index("dce") + 1 if "dce" in parts else 0
+    return ",".join([*parts[:at], call, *parts[at:]])
 
 
 def find_lm_head(program: Program) -> tuple[fx.Node, fx.Node, int]:
