@@ -1,9 +1,10 @@
 """The `meshc` command: drive the same PassManager as `meshc.compile`, with instruments on.
 
 Entry point: `main(argv)`. Subcommands: `passes`, `compile`, `run`, `explain`, `show`, `bisect`,
-`schedule`, `kernels`, `generate`, `calibrate`. The CLI holds no compiler logic of its own: each command builds a
-pipeline string and instruments and calls the library. Errors meshc raises on purpose print as one clear message and
-exit with status 2 (`MESHC_TRACEBACK=1` shows their traceback); any other exception is a bug and shows its traceback.
+`schedule`, `kernels`, `generate`, `calibrate`, `ffn-deps`. The CLI holds no compiler logic of its own: each
+command builds a pipeline string and instruments and calls the library. Errors meshc raises on purpose print as one
+clear message and exit with status 2 (`MESHC_TRACEBACK=1` shows their traceback); any other exception is a bug
+and shows its traceback.
 """
 
 from __future__ import annotations
@@ -178,7 +179,46 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0, help="torch seed for --do-sample (default 0)")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("ffn-deps", help="how much consecutive FFN blocks depend on each other (FFN Fusion's "
+                       "metric): table, heatmap, the runs ffn_fusion(runs=auto) would fuse", epilog=EPILOG)
+    s.add_argument("model", metavar="MODEL", help=EPILOG)
+    s.add_argument("--calibration", default=None, help="text or whitespace-separated token ids (default: the "
+                   "reference LM's training split; other models need this)")
+    s.add_argument("--pipeline", default="dce", help="passes to run first, e.g. 'attention_removal(layers=2-5)'")
+    s.add_argument("--threshold", type=float, default=0.1, help="runs=auto fuses pairs with M below this")
+    s.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
+    s.add_argument("--png", default="ffn_deps.png", help="heatmap file (needs matplotlib; '' for none)")
+    s.set_defaults(func=cmd_ffn_deps)
     return p
+
+
+def cmd_ffn_deps(args) -> int:
+    """The dependency matrix M of a model's FFN sub-layers (meshc.ffn_deps), after --pipeline."""
+    import meshc
+    from meshc.ffn_deps import calibration_ids, choose_runs, ffn_dependencies, heatmap
+    from meshc.models import load_model
+
+    meshc.parse_pipeline(args.pipeline)
+    loaded = load_model(args.model)
+    vocab = getattr(getattr(loaded.model, "config", None), "vocab_size", None)
+    ids = calibration_ids(args.model, args.calibration, tokens=args.tokens, vocab=vocab)
+    program = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, dynamic_shapes="auto")
+    program = meshc.PassManager(args.pipeline).run(program)
+    deps = ffn_dependencies(program, ids)
+    print(f"M[i, j]: cosine distance of FFN j's output with and without FFN i ({deps.tokens} calibration tokens; "
+          f"rows i, columns j, by decoder layer)")
+    print(deps.table())
+    runs = choose_runs(deps, args.threshold)
+    quoted = ",".join(f"{r[0]}-{r[-1]}" for r in runs)
+    print(f"runs=auto (threshold {args.threshold}): {runs or 'none (no adjacent FFNs below the threshold)'}"
+          + (f" -> ffn_fusion(runs='{quoted}')" if runs else ""))
+    if args.png:
+        try:
+            print(f"heatmap: {heatmap(deps, args.png, f'{args.model}: M[i, j]')}")
+        except MeshcError as e:
+            print(f"no heatmap: {e}", file=sys.stderr)
+    return 0
 
 
 def cmd_calibrate(args) -> int:

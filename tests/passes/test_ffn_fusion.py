@@ -245,3 +245,27 @@ def test_parallel_blocks_is_the_hand_written_form(model, request, _capture):
     assert (got - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
     assert (got - reference(model, loaded.model, ids)).abs().max().item() > 1e-3
     assert find_residual_stream(program).layers() == [[1, 2], [3], [], [4, 5]]
+
+
+# ---- meshc ffn-deps ----------------------------------------------------------------------------
+
+def test_ffn_deps_cli_prints_the_table_the_runs_and_draws_the_heatmap(tmp_path, capsys):
+    from meshc.cli import main
+
+    ids = torch.randint(0, 512, (600,), generator=torch.Generator().manual_seed(0))
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, ids.tolist())))
+    png = tmp_path / "deps.png"
+    assert main(["ffn-deps", "llama-tiny", "--calibration", str(tmp_path / "ids.txt"), "--tokens", "512",
+                 "--pipeline", "attention_removal(layers=2-3)", "--threshold", "2", "--png", str(png)]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert "512 calibration tokens" in lines[0] and lines[1].split() == ["layer", "0", "1", "2", "3"]
+    # threshold 2 > any cosine distance: all adjacent FFNs fuse (layer 1's attention separates FFN 0)
+    assert "ffn_fusion(runs='1-3')" in out.out
+    try:
+        import matplotlib  # noqa: F401
+        assert png.stat().st_size > 1000
+    except ImportError:
+        assert "pip install 'meshc[plot]'" in out.err
+    assert main(["ffn-deps", "llama-tiny"]) == 2
+    assert "give --calibration FILE" in capsys.readouterr().err
