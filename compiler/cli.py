@@ -178,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0, help="torch seed for --do-sample (default 0)")
+    s.add_argument("--speculative", choices=["medusa"], default=None, help="decode with the model's trained Medusa "
+                   "heads (reference-lm ships them): the same tokens as greedy, fewer decode steps")
+    s.add_argument("--tree", type=int, default=None,
+                   help="with --speculative: tree size in nodes (default: the heads')")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("ffn-deps", help="how much consecutive FFN blocks depend on each other (FFN Fusion's "
@@ -250,13 +254,26 @@ def cmd_generate(args) -> int:
     loaded = load_model(args.model, batch=1, seq=max(2, ids.shape[1]))
     t0 = time.perf_counter()
     cache = args.max_cache_len or ids.shape[1] + args.max_new_tokens  # attention reads the whole cache each step
-    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=cache, generate=True)
+    pipeline, options = "default", {"do_sample": args.do_sample, "temperature": args.temperature,
+                                    "top_k": args.top_k, "top_p": args.top_p}
+    if args.speculative:  # Medusa: the heads' pass in the pipeline; greedy tree verification
+        from meshc.passes.speculative_heads import heads_pipeline, trained_heads_file
+
+        pipeline, options = heads_pipeline(trained_heads_file(args.model)), {"speculative": args.speculative,
+                                                                             "tree": args.tree}
+        cache += args.tree or 64  # a verification step writes the whole tree past the last token
+    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=cache, generate=True,
+                             pipeline=pipeline)
     print(f"compiled {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     torch.manual_seed(args.seed)
-    out = compiled.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    out = compiled.generate(ids, max_new_tokens=args.max_new_tokens, **options)
     new = out[0, ids.shape[1]:].tolist()
     print(args.prompt + decode(new) if byte_level else " ".join(map(str, new)))
+    if args.speculative:
+        st = compiled.decoder.speculative_stats
+        print(f"accepted tokens per step: {st.accepted_per_step:.2f}")
+        print(f"{st.steps} verification calls of a {st.tree_size}-node tree; decode {st.tokens_per_s:.1f} tokens/s")
+        return 0
     st = compiled.decoder.stats
     print(f"time to first token {st.time_to_first_token_s * 1e3:.1f} ms; {st.new_tokens} new tokens; decode "
           f"{st.tokens_per_s:.1f} tokens/s", file=sys.stderr)

@@ -158,6 +158,34 @@ def pipeline_with_heads(pipeline: str, options: str = "") -> str:
     return ",".join([*parts[:at], call, *parts[at:]])
 
 
+def trained_heads_file(model: str) -> Path:
+    """The shipped Medusa heads of a built-in model (only reference-lm has trained heads)."""
+    if model != "reference-lm":
+        raise MeshcError(f"{model} has no trained Medusa heads, so it cannot speculate; meshc ships heads for "
+                         f"reference-lm (examples/train_medusa.py trains them)")
+    from meshc.reference_lm import PACKAGE_DIR
+
+    return PACKAGE_DIR / "medusa_heads.safetensors"
+
+
+def heads_pipeline(weights: str | Path, mesh: object = None, plan: object = "auto") -> str:
+    """The pipeline that compiles a model with the trained heads in `weights` on `mesh`: meshc's
+    default pipeline for (mesh, plan) with this pass, its heads/layers read from the file."""
+    from meshc.pipeline import resolve
+
+    path = Path(weights)
+    if not path.is_file():
+        raise MeshcError(f"no trained Medusa heads at {path}: speculative decoding needs heads trained for this "
+                         f"model (examples/train_medusa.py writes them for reference-lm)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    heads = sum(k.endswith(".proj.weight") for k in keys)
+    layers = sum(k.startswith("0.blocks.") for k in keys)
+    return pipeline_with_heads(resolve(mesh, "default", plan).pipeline, f"heads={heads},layers={layers},weights={path}")
+
+
 def find_lm_head(program: Program) -> tuple[fx.Node, fx.Node, int]:
     """(lm_head linear node, its weight placeholder, index of the flat output it produces): a linear
     with a parameter weight [vocab, hidden] reaching an output through shape-only ops, whose input
