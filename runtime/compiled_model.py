@@ -2,7 +2,8 @@
 original model.
 
 Entry point: `CompiledModel(program, backend)`; `rebind()` lowers again after the state changed
-(e.g. `meshc.load_checkpoint`); `generate()` runs the decode loop (`meshc.runtime.generate`).
+(e.g. `meshc.load_checkpoint`); `generate()` runs the decode loop (`meshc.runtime.generate`);
+`train_step()`, `make_optimizer()`, `clip_grad_norm_()` train (`meshc.runtime.training.Trains`).
 Calls are bound and checked against the captured inputs (`Program.bind_inputs`), run through the
 lowered callable, and the outputs rebuilt in the model's own structure (e.g. a Hugging Face `CausalLMOutputWithPast`).
 """
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 from meshc.program import Program
+from meshc.runtime.training import Trains
 
 
-class CompiledModel(torch.nn.Module):
+class CompiledModel(Trains, torch.nn.Module):
     def __init__(self, program: Program, backend: str = "auto", report: str = ""):
         super().__init__()
         self.program = program
@@ -49,28 +51,6 @@ class CompiledModel(torch.nn.Module):
             return speculative_generate(self.decoder, input_ids, attention_mask, **options)
         options.pop("speculative", None)
         return self.decoder.generate(input_ids, attention_mask, **options)
-
-    # ---- training (meshc.runtime.training; compile with training=True, zero=N) ----------------
-    @property
-    def trainer(self):
-        if getattr(self, "_trainer", None) is None:
-            from meshc.runtime.training import Trainer
-
-            self._trainer = Trainer(self)
-        return self._trainer
-
-    def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
-        """Forward + backward of `loss_fn(output, target)` on the whole batch (every rank passes
-        it); returns the loss, accumulates this rank's gradient shards (like `loss.backward()`)."""
-        return self.trainer.train_step(inputs, target, loss_fn, kwargs)
-
-    def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
-        """A `cls` optimizer over this rank's shards; its step includes the stage's all-gathers."""
-        return self.trainer.make_optimizer(cls, **options)
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip by the global gradient norm over every shard; returns the norm before clipping."""
-        return self.trainer.clip_grad_norm_(max_norm)
 
     def extra_repr(self) -> str:
         p = self.program

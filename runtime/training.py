@@ -1,7 +1,7 @@
 """Training a compiled model on any mesh meshc runs (one device, dp, tp, dp x tp), with ZeRO 0-3.
 
-Entry point: `Trainer(compiled)`, which `CompiledModel.train_step / make_optimizer /
-clip_grad_norm_` create on first use:
+Entry point: `Trainer(compiled)`, which `CompiledModel`'s methods from the mixin `Trains`
+(`train_step`, `make_optimizer`, `clip_grad_norm_`) create on first use:
 
     model = meshc.compile(model, mesh, example_inputs=(ids,), training=True, zero=3)
     opt = model.make_optimizer(torch.optim.AdamW, lr=1e-3)   # a torch optimizer over this rank's shards
@@ -45,6 +45,30 @@ def _c10d():
     import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
 
     return torch.ops._c10d_functional
+
+
+class Trains:
+    """CompiledModel's training methods (compile with training=True, zero=N); they delegate to a
+    `Trainer` made on first use."""
+
+    @property
+    def trainer(self) -> Trainer:
+        if getattr(self, "_trainer", None) is None:
+            self._trainer = Trainer(self)
+        return self._trainer
+
+    def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
+        """Forward + backward of `loss_fn(output, target)` on the whole batch (every rank passes
+        it); returns the loss, accumulates this rank's gradient shards (like `loss.backward()`)."""
+        return self.trainer.train_step(inputs, target, loss_fn, kwargs)
+
+    def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
+        """A `cls` optimizer over this rank's shards; its step includes the stage's all-gathers."""
+        return self.trainer.make_optimizer(cls, **options)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global gradient norm over every shard; returns the norm before clipping."""
+        return self.trainer.clip_grad_norm_(max_norm)
 
 
 @dataclass
@@ -165,14 +189,19 @@ class Trainer:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale every gradient so the global 2-norm over all shards is at most `max_norm` (as
         `torch.nn.utils.clip_grad_norm_` on the whole model); returns the norm before clipping."""
-        grads = [(g, s.replicas) for s in self.slots if (g := self._grad(s)) is not None]
-        sq = sum((g.double().pow(2).sum() / r for g, r in grads), torch.zeros((), dtype=torch.float64))
+        slots = [s for s in self.slots if self._grad(s) is not None]
+        grads = [self._grad(s) for s in slots]
+        if not grads:
+            return torch.zeros(())
+        norms = torch._foreach_norm(grads, 2)  # per tensor, in its dtype, as torch's clip_grad_norm_
         if dist.is_initialized() and self.program.mesh.size > 1:
+            sq = torch.stack([n.float() ** 2 / s.replicas for n, s in zip(norms, slots)]).sum()
             dist.all_reduce(sq)
-        total = sq.sqrt().float()
+            total = sq.sqrt()
+        else:
+            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g, _ in grads:
-            g.mul_(coef.to(g.dtype))
+        torch._foreach_mul_(grads, coef)
         return total
 
     def _grad(self, s: Slot) -> torch.Tensor | None:
