@@ -9,6 +9,8 @@ What is measured — microbenchmarks only; no model is run and nothing is fitted
 * matmul throughput by size: [M, K] @ [K, N] float32 from 2e4 to 2e9 FLOPs → `matmul_curve`
   (FLOP/s per size, interpolated by the cost model), `peak_flops` = the best;
 * memory bandwidth: copying a 64 MB tensor (read + write) → `mem_bandwidth`;
+* fixed cost per call of the ATen ops whose overhead differs from a pointwise op's (linear,
+  attention, reductions, cat, embedding, index, copies) on tiny inputs → `op_overheads`;
 * the ATen backend's dispatch overhead: FX GraphModules of 1 and 401 tiny ATen ops (pointwise,
   views, reductions), run through `CompiledModel` as compiled programs are: slope → seconds per
   node (`dispatch_overhead`), intercept → seconds per call (`call_overhead`);
@@ -108,6 +110,40 @@ def measure_dispatch(seconds: float) -> tuple[float, float]:
     return per_node, max(times[1] - per_node, 0.0)
 
 
+def _tiny_ops() -> dict[str, Callable[[], object]]:
+    """ATen ops whose fixed cost differs from a plain pointwise op's, each on tiny inputs."""
+    aten = torch.ops.aten
+    x, w, i = torch.randn(4, 8), torch.randn(8, 8), torch.tensor([0, 2, 1, 3])
+    q = torch.randn(1, 2, 4, 8)
+    return {
+        "aten.linear.default": lambda: aten.linear.default(x, w),
+        "aten.scaled_dot_product_attention.default":
+            lambda: aten.scaled_dot_product_attention.default(q, q, q, None, 0.0, True),
+        "aten.mean.dim": lambda: aten.mean.dim(x, [-1], True),
+        "aten.cat.default": lambda: aten.cat.default([x, x], -1),
+        "aten.embedding.default": lambda: aten.embedding.default(w, i),
+        "aten.index.Tensor": lambda: aten.index.Tensor(x, [i]),
+        "aten.arange.default": lambda: aten.arange.default(8, dtype=torch.int64),
+        "aten.clone.default": lambda: aten.clone.default(x),
+        "aten.silu.default": lambda: aten.silu.default(x),
+        "aten._to_copy.default": lambda: aten._to_copy.default(x, dtype=torch.float64),
+        "aten.mul.Tensor": lambda: aten.mul.Tensor(x, x),
+        "aten.view.default": lambda: aten.view.default(x, [8, 4]),
+    }
+
+
+def measure_ops(seconds: float) -> dict[str, float]:
+    """Seconds per call of each op in `_tiny_ops` (median of 50-call loops: Python call + dispatch + kernel)."""
+    out = {}
+    with torch.no_grad():
+        for name, fn in _tiny_ops().items():
+            def loop(fn=fn):
+                for _ in range(50):
+                    fn()
+            out[name] = _median_time(loop, seconds / len(_tiny_ops())) / 50
+    return out
+
+
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """(a, b) of t = a + b*x minimising the squared *relative* error over (x, t) points (both >= 0)."""
     w = [1 / t**2 for _, t in points]
@@ -184,12 +220,15 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
     curve = measure_matmuls(seconds)
     bandwidth = measure_bandwidth(seconds / 4)
     per_node, per_call = measure_dispatch(seconds)
+    ops = measure_ops(seconds)
     figures: dict[str, Any] = dict(peak_flops=max(r for _, r in curve), mem_bandwidth=bandwidth,
                                    dispatch_overhead=per_node, call_overhead=per_call,
-                                   matmul_curve=tuple((f, r) for f, r in curve))
+                                   matmul_curve=tuple((f, r) for f, r in curve),
+                                   op_overheads=tuple(sorted(ops.items())))
     raw: dict[str, Any] = {"matmul": [{"mkn": list(s), "flops": f, "flop_per_s": r}
                                       for s, (f, r) in zip(MATMUL_SIZES, curve)],
-                           "copy_bytes_per_s": bandwidth, "dispatch_s_per_node": per_node, "call_s": per_call}
+                           "op_seconds": ops, "copy_bytes_per_s": bandwidth, "dispatch_s_per_node": per_node,
+                           "call_s": per_call}
     spec = MeshSpec.parse(mesh)
     if spec.size > 1:
         n, colls = measure_collectives(spec)
@@ -214,6 +253,7 @@ SOURCES = {
     "dispatch_overhead": "meshc calibrate: slope of CompiledModel calls over FX graphs of 1 and 401 tiny ATen ops",
     "call_overhead": "meshc calibrate: intercept of the same fit (binding inputs, pytree, output)",
     "matmul_curve": "meshc calibrate: median torch.mm time per size",
+    "op_overheads": "meshc calibrate: median seconds per call of each ATen op on tiny inputs (50-call loops)",
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, "
                        "relative least-squares t = a + b*bytes, as ring alpha/beta",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",

@@ -55,9 +55,15 @@ class DevicePreset:
     collective_backend: str = "nccl"  # process-group backend: how collectives are implemented (redistribute)
     dispatch_overhead: float = 0.0  # seconds per executed graph node: framework dispatch / kernel launch
     call_overhead: float = 0.0  # seconds per call of a compiled program, besides its nodes (binding inputs)
+    op_overheads: tuple[tuple[str, float], ...] = ()  # measured (ATen op, seconds on tiny inputs); else dispatch
     matmul_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one matmul, FLOP/s); () = peak_flops
     collective_fits: tuple[tuple[str, float, float], ...] = ()  # measured (collective, alpha, beta), in-node groups
     source: str = ""  # the preset file it came from, if any
+
+    def overhead(self, target) -> float:
+        """Fixed seconds one node of op `target` costs besides its roofline (measured, else dispatch_overhead)."""
+        name = str(target)
+        return next((s for k, s in self.op_overheads if k == name), self.dispatch_overhead)
 
     def fit(self, kind: str) -> tuple[float, float] | None:
         """(alpha, beta) measured for collective `kind` on this backend, if calibrated."""
@@ -98,7 +104,7 @@ def load_preset(path: str) -> DevicePreset:
     try:
         data = json.loads(file.read_text())
         figures = dict(data["figures"])
-        for k in ("matmul_curve", "collective_fits"):
+        for k in ("matmul_curve", "collective_fits", "op_overheads"):
             figures[k] = tuple(tuple(x) for x in figures.get(k, ()))
         return DevicePreset(name=data["name"], source=str(file), **figures)
     except (KeyError, TypeError, ValueError) as e:

@@ -1,0 +1,215 @@
+"""The cost model against measurement: predicted vs measured forward time and peak memory per rank.
+
+    .venv/bin/python benchmarks/cost_model.py                # calibrate, then every config; ~10 min on 2 cores
+    .venv/bin/python benchmarks/cost_model.py --preset FILE  # use an existing `meshc calibrate` file
+
+One run: (1) `meshc.calibrate` measures this machine with microbenchmarks only (matmuls,
+copy, ATen dispatch, gloo collectives on tp=2) — nothing is fitted to the configurations below;
+(2) for each configuration (two Llama sizes x tp=1, tp=2 x plans auto / megatron / replicated,
+and a pp=2 forward pipeline), rank 0's local Program is built without processes (the passes
+`meshc.compile` runs) and `meshc.predict` prices it with the calibrated preset; (3) the same
+configuration runs on a local gloo mesh (`meshc.launch`, one torch thread per rank): median forward
+time per rank with its spread (quartiles), and the peak of the bytes the forward allocates
+(torch profiler memory events) plus the rank's state bytes. After each config the
+dispatch microbenchmark runs again (`dispatch_us_per_node_now`, not used to predict): how far the
+shared machine drifted from the calibration. Writes
+benchmarks/results_cost_model_cpu.json: per config predicted, measured, error; goals ±25% time,
+±10% memory; plan order agreement where the predicted gap exceeds the measured spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {  # name -> Llama config (random weights, fp32)
+    "llama-h128-l4": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=4, batch=2, seq=16),
+    "llama-h512-l4": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                          num_key_value_heads=4, batch=2, seq=128),
+}
+PLANS = ("auto", "megatron", "replicate")
+KW = {"use_cache": False}
+
+
+def build(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(SIZES[name])
+    batch, seq = cfg.pop("batch"), cfg.pop("seq")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, max_position_embeddings=1024, **cfg)).eval()
+    ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def predict(name: str, mesh: str | None, plan: str | None, preset: str, schedule: str | None = None,
+            microbatches: int = 0) -> dict:
+    """Rank 0's local Program, built by the passes meshc.compile runs (no processes), priced."""
+    import meshc
+    from meshc.mesh import MeshSpec
+    from meshc.pipeline import resolve
+    from meshc.predict import forward_time, peak_memory, stage_times
+
+    model, ids = build(name)
+    spec = MeshSpec.parse(mesh)
+    resolved = resolve(spec, "default", plan, schedule or "1f1b", microbatches, batch=ids.shape[0])
+    program = meshc.capture(model, (ids,), KW, dynamic_shapes="auto", mesh=spec)
+    if spec.size > 1:
+        program.plan = plan or "replicate"
+    program = meshc.PassManager(resolved.pipeline).run(program)
+    if program.split is not None:
+        return {"stages": [s.as_dict() for s in stage_times(program, preset)]}
+    state, act = peak_memory(program)
+    return {**forward_time(program, preset).as_dict(), "state_bytes": state, "activation_peak_bytes": act,
+            "memory_bytes": state + act}
+
+
+def _allocated_peak(fn) -> int:
+    """Peak of the bytes allocated while fn runs (torch profiler memory events, running sum)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, b in events:
+        live += b
+        peak = max(peak, live)
+    return peak
+
+
+def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule: str | None,
+                  microbatches: int) -> dict:
+    import meshc
+    from meshc.predict import peak_memory
+
+    torch.set_num_threads(1)
+    model, ids = build(name)
+    compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=KW, plan=plan,
+                             **({"schedule": schedule, "microbatches": microbatches} if schedule else {}))
+    call_ids = torch.cat([ids] * microbatches) if schedule else ids
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(call_ids, **KW)
+        for _ in range(iters):
+            if device_mesh is not None:
+                torch.distributed.barrier()
+            t0 = time.perf_counter()
+            compiled(call_ids, **KW)
+            times.append(time.perf_counter() - t0)
+        if schedule:
+            trace = compiled.last_trace
+            per_stage = {}
+            for e in trace:
+                per_stage.setdefault(e["stage"], []).append(e["end"] - e["start"] - e["wait"])
+            return {"stage_ms": {s: statistics.median(v) * 1e3 for s, v in per_stage.items()}}
+        act = _allocated_peak(lambda: compiled(call_ids, **KW))
+    q = statistics.quantiles(times, n=4)
+    state, _ = peak_memory(compiled.program)
+    return {"median_ms": statistics.median(times) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
+            "activation_peak_bytes": act, "state_bytes": state, "memory_bytes": state + act}
+
+
+def measure(name: str, mesh: str, plan: str | None, iters: int, schedule: str | None = None,
+            microbatches: int = 0) -> list[dict]:
+    from meshc.runtime.launch import launch
+
+    return launch(_measure_rank, mesh, name, plan, iters, schedule, microbatches, timeout=600)
+
+
+def _err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None, help="a `meshc calibrate` preset file (default: calibrate now)")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--sizes", default=",".join(SIZES))
+    a = p.parse_args(argv)
+    out_dir = Path(__file__).parent
+    t0 = time.perf_counter()
+    if a.preset is None:
+        from meshc.calibrate import calibrate, write_preset
+
+        preset, raw = calibrate("tp=2", seconds=1.0)
+        a.preset = str(out_dir / "results_cost_model_preset_cpu.json")
+        write_preset(preset, a.preset, raw)
+    from meshc.calibrate import measure_dispatch
+
+    rows = []
+    for name in a.sizes.split(","):
+        for mesh, plans in (("tp=1", (None,)), ("tp=2", PLANS)):
+            for plan in plans:
+                label = f"{name} {mesh} {plan or 'one device'}"
+                pr = predict(name, None if mesh == "tp=1" else mesh, None if plan == "replicate" else plan, a.preset)
+                ranks = measure(name, mesh, None if plan == "replicate" else plan, a.iters)
+                m = ranks[0]
+                probe = measure_dispatch(0.5)[0]  # the machine now (not used to predict): contention drift
+                row = {"config": label, "model": name, "mesh": mesh, "plan": plan or "-", "predicted": pr,
+                       "dispatch_us_per_node_now": probe * 1e6,
+                       "measured_rank0": m, "measured_median_ms_per_rank": [r["median_ms"] for r in ranks],
+                       "time_error": _err(pr["total_ms"], m["median_ms"]),
+                       "memory_error": _err(pr["memory_bytes"], m["memory_bytes"]),
+                       "activation_error": _err(pr["activation_peak_bytes"], m["activation_peak_bytes"])}
+                print(f"{label}: predicted {pr['total_ms']:.2f} ms, measured {m['median_ms']:.2f} ms "
+                      f"[{m['q1_ms']:.2f}, {m['q3_ms']:.2f}] ({100 * row['time_error']:+.0f}%); memory "
+                      f"{pr['memory_bytes'] / 2**20:.2f} vs {m['memory_bytes'] / 2**20:.2f} MiB "
+                      f"({100 * row['memory_error']:+.0f}%)", flush=True)
+                rows.append(row)
+    pipe_name = a.sizes.split(",")[-1]
+    pr = predict(pipe_name, "pp=2", None, a.preset, schedule="forward", microbatches=2)
+    ranks = measure(pipe_name, "pp=2", None, 5, schedule="forward", microbatches=2)
+    measured_stages = {int(s): v for r in ranks for s, v in r["stage_ms"].items()}
+    pipeline = {"config": f"{pipe_name} pp=2 forward schedule, 2 micro-batches",
+                "stages": [{"stage": s, "predicted_ms": pr["stages"][s]["total_ms"], "measured_ms": measured_stages[s],
+                            "error": _err(pr["stages"][s]["total_ms"], measured_stages[s])}
+                           for s in range(len(pr["stages"]))]}
+    print(json.dumps(pipeline, indent=1), flush=True)
+    order = []
+    for name in a.sizes.split(","):  # plans on tp=2: same order by prediction and by measurement?
+        plan_rows = [r for r in rows if r["model"] == name and r["mesh"] == "tp=2"]
+        for x in plan_rows:
+            for y in plan_rows:
+                if x is y or x["predicted"]["total_ms"] >= y["predicted"]["total_ms"]:
+                    continue
+                gap = y["predicted"]["total_ms"] - x["predicted"]["total_ms"]
+                spread = max(x["measured_rank0"]["q3_ms"] - x["measured_rank0"]["q1_ms"],
+                             y["measured_rank0"]["q3_ms"] - y["measured_rank0"]["q1_ms"])
+                order.append({"faster_predicted": x["config"], "slower_predicted": y["config"], "predicted_gap_ms": gap,
+                              "measured_spread_ms": spread, "counts": gap > spread,
+                              "agrees": x["measured_rank0"]["median_ms"] < y["measured_rank0"]["median_ms"]})
+    times = [abs(r["time_error"]) for r in rows] + [abs(s["error"]) for s in pipeline["stages"]]
+    result = {
+        "benchmark": "cost_model", "preset_file": a.preset, "rows": rows, "pipeline": pipeline, "plan_order": order,
+        "summary": {"time_within_25pct": sum(e <= 0.25 for e in times), "time_configs": len(times),
+                    "max_abs_time_error": max(times),
+                    "memory_within_10pct": sum(abs(r["memory_error"]) <= 0.10 for r in rows),
+                    "memory_configs": len(rows),
+                    "order_pairs_counted": sum(o["counts"] for o in order),
+                    "order_pairs_agreeing": sum(o["counts"] and o["agrees"] for o in order)},
+        "machine": f"{platform.machine()}, 1 torch thread per rank, gloo; shared by several jobs at once "
+                   f"(contention: timings disturbed both ways; see the quartiles)",
+        "torch": torch.__version__, "seconds": time.perf_counter() - t0,
+        "command": "python benchmarks/cost_model.py " + " ".join(argv or []),
+    }
+    print(json.dumps(result["summary"], indent=1))
+    (out_dir / "results_cost_model_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
