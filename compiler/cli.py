@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--iters", type=int, default=5, help="timed forward calls per rank")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails the run")
     s.add_argument("--show-program", action="store_true", help="print rank 0's local program")
+    s.add_argument("--preset", default="cpu-gloo",
+                   help="cost-model preset for the predicted forward time (a name, or a `meshc calibrate` file)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("explain", help="auto_shard's plan: per-layer placements, collectives, predicted costs",
@@ -397,7 +399,7 @@ def cmd_run(args) -> int:
     print(f"meshc run {args.model} on a local mesh '{spec}' ({spec.size} processes, plan {args.plan})", flush=True)
     plan = None if args.plan == "replicate" else args.plan
     r = run_on_mesh(args.model, str(spec), plan, args.batch, (args.seq, 2 * args.seq + 1), args.iters,
-                    args.timeout, args.show_program, args.pipeline, args.microbatches)
+                    args.timeout, args.show_program, args.pipeline, args.microbatches, args.preset)
     if r["program"]:
         print(r["program"])
     print(f"\nrank 0's compile:\n{r['report']}\n")
@@ -410,6 +412,10 @@ def cmd_run(args) -> int:
     per_rank = ", ".join(f"{b / 2**20:.2f}" for b in r["per_rank_param_bytes"])
     print(f"parameters per rank (MiB): {per_rank} of {r['full_param_bytes'] / 2**20:.2f} in the model")
     print(f"compile {r['compile_s']:.1f} s; forward median {r['forward_ms_median']:.1f} ms on rank 0")
+    stages = r["predicted"]["stages_ms"]
+    print(f"predicted by the cost model ({args.preset}): "
+          + (f"{stages[0]:.1f} ms" if len(stages) == 1 else "stages " + ", ".join(f"{t:.1f}" for t in stages) + " ms")
+          + f" per forward on rank 0 (measured {r['forward_ms_median']:.1f} ms)")
     return 1 if failed else 0
 
 

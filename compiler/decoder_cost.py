@@ -4,7 +4,8 @@ Entry points: `DecoderShape` (with `LLAMA_3_70B`, `LLAMA_3_8B`), `sublayer_costs
 `predict_ladder_speedup(shape, tp, batch, seq, preset, context=None) -> dict`.
 
 Each sub-layer (attention, MLP) costs compute (roofline over its weight shard, its KV-cache
-reads and its FLOPs, `cost_model.compute_time`) plus one all-reduce of the B·S·H activations
+reads and its FLOPs, `cost_model.compute_time`, plus KERNELS_PER_SUBLAYER x the preset's
+per-kernel `dispatch_overhead`) plus one all-reduce of the B·S·H activations
 (`cost_model.all_reduce_time`). Standard TP serialises them: Σ (c_k + a_k). With ladder
 residual, the all-reduce of sub-layer k runs under sub-layer k+1's compute:
 Σ c_k + Σ_k max(0, a_k − c_{k+1}) + a_last. Embedding and lm_head are left out of both, as
@@ -32,6 +33,11 @@ class DecoderShape:
         return self.hidden // self.heads
 
 
+#: kernels one sub-layer launches in a fused (torch.compile) decode step: norm, projection(s),
+#: rotary/cache update or activation, attention or second projection, residual add. Each costs the
+#: preset's `dispatch_overhead` besides its roofline (kernel launch + minimum kernel time).
+KERNELS_PER_SUBLAYER = 5
+
 LLAMA_3_70B = DecoderShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8)
 LLAMA_3_8B = DecoderShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8)
 
@@ -50,8 +56,9 @@ def sublayer_costs(shape: DecoderShape, tp: int, batch: int, seq: int, preset: D
     act = tokens * h * b  # one activation tensor
     kv_bytes = 2 * batch * ctx * shape.kv_heads * d * b / tp
     attn_flops = 2 * tokens * attn_params + 4 * batch * (shape.heads / tp) * seq * ctx * d
-    attn = compute_time(attn_flops, attn_params * b + kv_bytes + 4 * act, p)
-    mlp = compute_time(2 * tokens * mlp_params, mlp_params * b + 4 * act, p)
+    launches = KERNELS_PER_SUBLAYER * p.dispatch_overhead  # 0 for presets without a per-kernel figure
+    attn = compute_time(attn_flops, attn_params * b + kv_bytes + 4 * act, p) + launches
+    mlp = compute_time(2 * tokens * mlp_params, mlp_params * b + 4 * act, p) + launches
     ar = all_reduce_time(act, tp, p)
     return [(attn, ar), (mlp, ar)] * shape.layers
 

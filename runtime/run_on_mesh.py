@@ -17,13 +17,14 @@ import torch
 
 def run_on_mesh(model: str, mesh: str, plan: Any = "auto", batch: int = 2, seqs: tuple[int, ...] = (16, 33),
                 iters: int = 5, timeout: float = 120.0, show_program: bool = False, pipeline: str = "default",
-                microbatches: int = 0) -> dict:
+                microbatches: int = 0, preset: str | None = None) -> dict:
     """microbatches (meshes with a `pp` dim): 0 = `meshc.compile`'s default (the most, up to 2
-    per stage, that divide the batch of each data-parallel replica)."""
+    per stage, that divide the batch of each data-parallel replica). preset: also predict rank 0's
+    forward with this cost-model preset (`meshc.predict`; a name or a `meshc calibrate` file)."""
     from meshc.runtime.launch import launch
 
     results = launch(_rank_main, mesh, model, plan, batch, tuple(seqs), iters, show_program, pipeline,
-                     microbatches, timeout=timeout)
+                     microbatches, preset, timeout=timeout)
     report = dict(results[0])
     report["max_abs_error"] = max(r["max_abs_error"] for r in results)
     report["per_rank_param_bytes"] = [r["param_bytes"] for r in results]
@@ -31,7 +32,7 @@ def run_on_mesh(model: str, mesh: str, plan: Any = "auto", batch: int = 2, seqs:
 
 
 def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, ...], iters: int,
-               show_program: bool, pipeline: str, microbatches: int) -> dict:
+               show_program: bool, pipeline: str, microbatches: int, preset: str | None = None) -> dict:
     import meshc
     from meshc.models import load_model
     from meshc.numerics import max_abs_error
@@ -64,4 +65,14 @@ def _rank_main(device_mesh, model: str, plan: Any, batch: int, seqs: tuple[int, 
             "forward_ms_median": statistics.median(times) * 1e3, "compile_s": compile_s,
             "param_bytes": local_state_bytes(compiled),
             "full_param_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
-            "program": compiled.program.code() if show_program else None}
+            "program": compiled.program.code() if show_program else None,
+            "predicted": _predicted(compiled.program, preset)}
+
+
+def _predicted(program, preset: str | None) -> dict | None:
+    """The cost model's forward time for this rank's program (one per stage on a pp mesh)."""
+    if preset is None:
+        return None
+    from meshc.predict import stage_times
+
+    return {"preset": preset, "stages_ms": [p.total_s * 1e3 for p in stage_times(program, preset)]}
