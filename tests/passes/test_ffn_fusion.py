@@ -196,6 +196,9 @@ def test_weakly_dependent_run_fuses_within_the_tolerance_the_metric_predicts(lla
     err = (x_par - x_seq).norm(dim=-1)
     assert err.max().item() > 0
     assert (err <= 2 * bound + 1e-5).all(), (err.max().item(), bound.max().item())
+    auto = PassManager("ffn_fusion(runs=auto,threshold=0.001)").run(removed)  # M on the example inputs
+    assert "runs [[1, 2, 3]]" in auto.notes[-2]
+    assert torch.equal(_logits(auto, ids), _logits(fused, ids))
 
 
 def _stream_end(program, ids, run_subs):
