@@ -164,3 +164,99 @@ def test_more_meshes_every_zero_stage_equals_plain_training(mesh):
 
     stages = [0, 1, 2, 3] if "dp" in mesh else [0]
     check("llama-tiny", launch(_stages_rank, mesh, "llama-tiny", stages, timeout=800), stages)
+
+
+# ---- the public path, schedulers, errors (the MLP: seconds) -------------------------------------------
+
+def _mlp_public_rank(device_mesh, zero: int, die: bool = False):
+    """meshc.compile(training=True, zero=N) + an LR scheduler, 6 steps; rank 1 may die mid-run."""
+    import os
+
+    import meshc
+    from meshc.models import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model("mlp", batch=4, seq=8)
+    compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs, training=True,
+                             zero=zero)
+    opt = compiled.make_optimizer(torch.optim.AdamW, lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    losses, lrs = [], []
+    for step in range(6):
+        x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
+        if die and step == 3 and device_mesh.get_rank() == 1:
+            os._exit(3)  # a rank that dies mid-run: the other waits in a collective
+        losses.append(float(compiled.train_step((x,), x, torch.nn.functional.mse_loss)))
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return losses, lrs, compiled.report
+
+
+def _mlp_reference():
+    from meshc.models import load_model
+
+    model = load_model("mlp").model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    losses = []
+    for step in range(6):
+        x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
+        loss = torch.nn.functional.mse_loss(model(x), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.timeout(200)
+def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training():
+    from meshc.runtime import launch
+
+    ref = _mlp_reference()
+    for losses, lrs, report in launch(_mlp_public_rank, "dp=2", 3, timeout=150):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
+        assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
+        assert "zero: stage 3 on dp=2: 6 parameters" in report
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_dies_mid_training_ends_every_rank():
+    import time
+
+    from meshc.runtime import LaunchError, launch
+
+    t0 = time.perf_counter()
+    with pytest.raises(LaunchError, match="rank 1"):
+        launch(_mlp_public_rank, "dp=2", 2, True, timeout=30)
+    assert time.perf_counter() - t0 < 100
+
+
+def test_misuse_is_a_clear_error():
+    import meshc
+    from meshc.errors import MeshcError
+    from meshc.mesh import MeshSpec
+    from meshc.models import load_model
+    from meshc.training import training_pipeline
+
+    with pytest.raises(MeshcError, match=r"zero=2 shards over the 'dp' dim, but mesh 'tp=2' has none"):
+        training_pipeline("dce,spmd_partition,lint", MeshSpec.parse("tp=2"), 2)
+    with pytest.raises(MeshcError, match=r"zero=1 on a pp mesh .* not implemented yet"):
+        training_pipeline("dce,lint", MeshSpec.parse("dp=2,pp=2"), 1)
+    with pytest.raises(MeshcError, match=r"zero=5 is not a ZeRO stage"):
+        training_pipeline("dce,lint", MeshSpec.parse("dp=2"), 5)
+    assert training_pipeline("dce,spmd_partition,lint", MeshSpec.parse("dp=2"), 3) == \
+        "dce,spmd_partition,differentiable_collectives,zero(stage=3),lint"
+    mlp = load_model("mlp")
+    inference = meshc.compile(mlp.model, example_inputs=mlp.example_inputs)
+    with pytest.raises(MeshcError, match=r"compiled for inference; compile with meshc.compile\(..., training=True"):
+        inference.make_optimizer(torch.optim.AdamW)
+    trained = meshc.compile(mlp.model, example_inputs=mlp.example_inputs, training=True)
+    with pytest.raises(MeshcError, match=r"loss_fn must return a scalar tensor"):
+        trained.train_step(mlp.example_inputs, None, lambda out, t: out)
+    triton = meshc.compile(mlp.model, example_inputs=mlp.example_inputs, training=True, backend="triton")
+    with pytest.raises(MeshcError, match=r"train_step runs on the aten backend only"):
+        triton.train_step(mlp.example_inputs, None, lambda out, t: out.sum())
