@@ -11,14 +11,15 @@ Entry point: `capture_decode(model, max_batch_size, max_cache_len) -> DecodeProg
   verification), their K/V written at `cache_position`.
 
 `cache` is a list [K0, V0, K1, V1, ...] of [B, kv_heads, max_cache_len, head_dim] tensors of the
-model's dtype. The model runs on a transformers `Cache` whose layers are those tensors; its
-`index_copy_` writes stay in the graph as in-place ops on the cache placeholders
-(`capture(..., input_writes=True)`), so the runtime's buffers keep their `data_ptr` and no step
-allocates a cache-sized tensor. Batch, prompt length and T are dynamic; max_cache_len is static.
+model's dtype, marked `meshc_held` (batch dim 0, heads dim 1): the passes place it with
+`meshc.plan.held_placements` and the runtime holds each rank's shard. The model runs on a
+transformers `Cache` whose layers are those tensors; its `index_copy_` writes stay in the graph
+as in-place ops on the cache placeholders (`capture(..., input_writes=True)`), so the runtime's
+buffers keep their `data_ptr` and no step allocates a cache-sized tensor. Batch, prompt length
+and T are dynamic; max_cache_len is static.
 
 It never runs the model outside capture (one eager probe for the K/V shapes aside), holds no
-per-family code, and builds no runtime state: buffers are `CacheLayout.allocate()`'s, owned by
-the runtime.
+per-family code, and builds no runtime state: the runtime owns the buffers.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
                             "attention_mask": {0: Dim.AUTO, 2: Dim.AUTO}, "cache": cache_dims})
     for p in (prefill, decode):
         p.model_name = type(model).__name__
+        for node in p.placeholders("user")[-len(ex):]:  # the cache: held by the runtime, written in place
+            node.meta["meshc_held"] = (0, 1)  # [batch, heads, max_cache_len, head_dim]
+        for node in p.placeholders("user"):
+            if node.meta["meshc_name"] == "args[2]" and p is decode:  # cache_position [T]
+                node.meta["meshc_unbatched"] = True
         for node in p.placeholders():  # the model's own parameter names, not the wrapper's
             if node.meta["meshc_input"] != "user":
                 node.meta["meshc_name"] = node.meta["meshc_name"].removeprefix("model.")

@@ -125,30 +125,39 @@ def _forward_without_cache(model: torch.nn.Module, example_kwargs: dict | None) 
 
 def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len, max_batch_size):
     """Capture the prefill and decode Programs, run the pipeline on both (as rank `forward.rank`
-    with the forward's plan spec), bind them to the mesh, lower them (runtime). On a tp mesh the
-    cache is replicated (every rank holds every head's K/V; sharding it with the heads is not done
-    yet); dp and pp meshes are not supported yet."""
+    with the forward's plan spec), bind them to the mesh, lower them (runtime). The cache is placed
+    by `meshc.plan.held_placements`: heads over tp, batch over dp. On a pp mesh both Programs are
+    partitioned for the forward-only schedule with one micro-batch and run by the pipeline
+    runtime; each stage's rank holds its layers' cache."""
     from meshc.capture_decode import capture_decode
     from meshc.errors import MeshcError
     from meshc.runtime.generate import Decoder
 
     spec = forward.mesh
-    if spec.dp > 1 or spec.pp > 1:
-        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (tensor-parallel meshes and one "
-                         f"device are); compile without max_cache_len for the distributed forward")
+    if spec.pp > 1 and spec.dp > 1:
+        raise MeshcError(f"generation on mesh '{spec}' is not implemented yet (one device, dp, tp, dp x tp, pp and "
+                         f"pp x tp meshes are); compile without max_cache_len for the distributed forward")
     config = getattr(model, "config", None)
     if max_cache_len is None:
         max_cache_len = min(getattr(config, "max_position_embeddings", None) or 2048, 2048)
     programs = capture_decode(model, max_batch_size or batch or 1, max_cache_len)
+    runners = {}
+    if spec.pp > 1:
+        resolved = resolve(spec, "default", forward.plan if isinstance(forward.plan, str) else "auto", "forward", 1)
+        manager = PassManager(resolved.pipeline, instruments=manager.instruments)
     for name in ("prefill", "decode"):
         p = getattr(programs, name)
         p.mesh, p.rank, p.plan = spec, forward.rank, (forward.plan if isinstance(forward.plan, str) else "auto")
         p = manager.run(p)
-        if device_mesh is not None:
+        if spec.pp > 1:
+            from meshc.runtime.pipeline import pipeline_model
+
+            runners[name] = pipeline_model(p, device_mesh, resolved.schedule, backend)
+        elif device_mesh is not None:
             from meshc.runtime.mesh import bind
 
             bind(p, device_mesh)
         setattr(programs, name, p)
     gen = getattr(model, "generation_config", None) or config
     defaults = {k: getattr(gen, k, None) for k in ("eos_token_id", "pad_token_id")}
-    return Decoder(programs, backend, defaults)
+    return Decoder(programs, backend, defaults, runners)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from meshc.errors import MeshError
-from meshc.mesh import DP, MeshSpec
+from meshc.mesh import DP, TP, MeshSpec
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, parse_placement
 from meshc.program import Program
 from meshc.redistribute import shardable
@@ -38,7 +38,8 @@ LINEAR_OPS = {aten.linear.default: (0, 1, 0), aten.addmm.default: (1, 2, 1), ate
 _HEAD_LOCAL = {aten.view.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
                aten.unsqueeze.default, aten.expand.default, aten.clone.default, aten.slice.Tensor,
                aten.cat.default, aten.split.Tensor, aten.scaled_dot_product_attention.default,
-               aten.contiguous.default, aten.alias.default, aten._to_copy.default}
+               aten.contiguous.default, aten.alias.default, aten._to_copy.default,
+               aten.index_copy_.default, aten.index_copy.default}
 
 
 def is_head_local(node: fx.Node) -> bool:
@@ -47,6 +48,24 @@ def is_head_local(node: fx.Node) -> bool:
     if node.target.__name__ == "getitem" or node.target in _HEAD_LOCAL:
         return True
     return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
+
+
+def held_placements(node: fx.Node, mesh: MeshSpec) -> tuple[Placement, ...]:
+    """The one rule placing a runtime-held input (`meshc_held`: the KV cache): its batch dim is
+    split over 'dp', its heads over 'tp' where they divide (K/V heads that do not divide stay
+    replicated, as Megatron replicates their projections); every other mesh dim replicates it.
+    Every Program of a compile (prefill, decode) places the cache alike, whatever its plan."""
+    batch_dim, heads_dim = node.meta["meshc_held"]
+    heads = node.meta["val"].shape[heads_dim]
+    out: list[Placement] = []
+    for name, n in zip(mesh.names, mesh.sizes):
+        if name == DP:
+            out.append(Shard(batch_dim))
+        elif name == TP and shardable(heads, n):
+            out.append(Shard(heads_dim))
+        else:
+            out.append(Replicate())
+    return tuple(out)
 
 
 @dataclass
@@ -141,7 +160,8 @@ def make_plan(spec: Any, program: Program, mesh: MeshSpec) -> Plan:
     plan = Plan(mesh, source=spec if isinstance(spec, str) else "custom")
     if (d := mesh.index(DP)) is not None:  # data parallel: every tensor input is split on its batch dim
         for node in program.placeholders("user"):
-            if isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim() > 0:
+            if (isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim() > 0
+                    and not node.meta.get("meshc_unbatched")):
                 plan.inputs[node.meta["meshc_name"]] = tuple(
                     Shard(0) if i == d else Replicate() for i in range(len(mesh.names)))
     params = {n.meta["meshc_name"]: n for n in program.placeholders("parameter")}

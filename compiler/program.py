@@ -31,6 +31,10 @@ META: dict[str, str] = {
     "stage's input from the previous stage)",
     "meshc_name": "placeholders only: parameter/buffer FQN ('model.layers.0.mlp.up_proj.weight') "
     "or the user input's pytree path (\"args[0]\", \"kwargs['attention_mask']\")",
+    "meshc_held": "user placeholders only: (batch dim, heads dim) of a tensor the runtime holds in its local "
+    "shape and the graph writes in place (the KV cache); `meshc.plan.held_placements` places it",
+    "meshc_unbatched": "user placeholders only: True for an input with no batch dim (decode's cache_position); "
+    "a dp mesh dim replicates it instead of splitting its dim 0",
     "meshc_pass": "name of the pass that created or last rewrote this node",
     "meshc_placement": "tuple of DTensor placements (Shard(d) | Replicate() | Partial()), one per mesh dim",
     "meshc_stage": "pipeline stage index (int) this node runs in",

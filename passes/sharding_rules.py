@@ -264,6 +264,18 @@ def sdpa(node, P):
     return Decision(needs, Shard(shard.dim) if shard else R)
 
 
+def index_copy(node, P):
+    """self.index_copy_(dim, index, source) - the KV cache write. The written tensor keeps its
+    placement (an in-place write cannot redistribute it: the copy would be written, not the
+    tensor); the source follows it, the index is replicated. A tensor sharded on the indexed dim
+    is replicated (only possible for a functional index_copy)."""
+    self_, dim, index, source = node.args[:4]
+    p = P(self_)
+    if is_partial(p) or (is_shard(p) and p.dim == _norm(dim, ndim(node))):
+        p = R
+    return Decision({self_: p, index: R, source: p}, p)
+
+
 def embedding(node, P):
     w, ids = node.args[:2]
     pw, pi = P(w), P(ids)
@@ -310,6 +322,7 @@ RULES: dict[Any, Callable[[fx.Node, Callable], Decision]] = {
     operator.getitem: getitem, aten.cat.default: cat,
     aten.linear.default: linear_family, aten.addmm.default: linear_family, aten.mm.default: linear_family,
     aten.scaled_dot_product_attention.default: sdpa, aten.embedding.default: embedding,
+    aten.index_copy_.default: index_copy, aten.index_copy.default: index_copy,
     aten.mean.dim: reduction(_dims(1, "dim", None), _arg(2, "keepdim", False)),
     aten.sum.dim_IntList: reduction(_dims(1, "dim", None), _arg(2, "keepdim", False)),
     aten.amax.default: reduction(_dims(1, "dim", None), _arg(2, "keepdim", False)),

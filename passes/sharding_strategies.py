@@ -27,7 +27,7 @@ from meshc.cost_model import node_time, value_bytes
 from meshc.mesh import DP
 from meshc.passes import sharding_rules as rules
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe
-from meshc.plan import LINEAR_OPS, _split_groups
+from meshc.plan import LINEAR_OPS, _split_groups, held_placements
 from meshc.program import Program
 from meshc.redistribute import describe_steps, shardable, transition_time
 
@@ -123,7 +123,10 @@ def enumerate_strategies(program: Program, dim: int, preset, gather_params: bool
             kind = node.meta["meshc_input"]
             if kind == "parameter" and isinstance(node.meta.get("val"), torch.Tensor):
                 cands = [c for c in _param_candidates(node, n, groups) if _fits(node, c, n, taken)]
-            elif kind == "user" and on_dp and isinstance(node.meta.get("val"), torch.Tensor):
+            elif kind == "user" and "meshc_held" in node.meta:
+                cands = [held_placements(node, program.mesh)[dim]]
+            elif (kind == "user" and on_dp and isinstance(node.meta.get("val"), torch.Tensor)
+                  and not node.meta.get("meshc_unbatched")):
                 cands = [Shard(0)]
             else:
                 cands = [R]

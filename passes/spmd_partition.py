@@ -17,7 +17,9 @@ Entry point: the pass `spmd_partition(plan=...)`. Steps, in order:
 5. `program.state` becomes this rank's shards.
 
 User inputs enter replicated (every rank is called with the full inputs) and are chunked locally
-where the plan shards them; outputs are gathered to Replicate. Size values (`sym_size`) stay
+where the plan shards them - except runtime-held ones (`meshc_held`, the KV cache), which enter as
+this rank's shard, placed by `meshc.plan.held_placements`, and must stay so where an op writes
+them in place (checked); outputs are gathered to Replicate. Size values (`sym_size`) stay
 global in the local graph; view sizes on sharded dims are divided by the mesh dim size.
 `predict_collectives` applies the table to a plan without emitting a graph (what auto_shard
 reports; a test checks it equals the emitted graph's collectives). The pass never touches a
@@ -39,7 +41,7 @@ from meshc.errors import MeshError, NodeError, at_node
 from meshc.passes import sharding_rules as rules
 from meshc.pipeline import register_pass
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, local_shape, local_shard
-from meshc.plan import Plan, make_plan, unsharded_report
+from meshc.plan import Plan, held_placements, make_plan, unsharded_report
 from meshc.program import Program
 from meshc.redistribute import plan_steps, steps
 from torch._guards import detect_fake_mode
@@ -98,7 +100,7 @@ def predict_collectives(program: Program, plan: Any = None) -> Counter:
     seen: set = set()
     for node in program.graph.nodes:
         if node.op == "placeholder":
-            if node.meta["meshc_input"] == "user":
+            if node.meta["meshc_input"] == "user" and "meshc_held" not in node.meta:
                 add(node, the_plan.replicated(), placements[node])
             continue
         for a, need in needs[node].items():
@@ -181,8 +183,9 @@ def _propagate(program: Program, plan: Plan):
         if node.op == "placeholder":
             kind, name = node.meta["meshc_input"], node.meta.get("meshc_name")
             placements[node] = (plan.for_param(name) if kind == "parameter" else
+                                held_placements(node, program.mesh) if "meshc_held" in node.meta else
                                 plan.for_input(name) if kind == "user" else plan.replicated())
-            if kind != "user":
+            if kind != "user" or "meshc_held" in node.meta:
                 node.meta["meshc_placement"] = placements[node]
             continue
         if node.op == "output":
@@ -200,6 +203,7 @@ def _propagate(program: Program, plan: Plan):
                     per_dim_needs.setdefault(a, [Replicate()] * ndims)[i] = p
                 outs.append(d.out)
         needs[node] = {a: tuple(v) for a, v in per_dim_needs.items()}
+        _check_in_place(node, placements, needs[node], program)
         if any(isinstance(o, list) for o in outs):
             placements[node] = [tuple(o[k] if isinstance(o, list) else o for o in outs) for k in range(len(next(
                 o for o in outs if isinstance(o, list))))]
@@ -208,6 +212,23 @@ def _propagate(program: Program, plan: Plan):
         _check_divisible(node, placements[node], program)
         node.meta["meshc_placement"] = placements[node]
     return placements, needs, fallbacks
+
+
+def _check_in_place(node: fx.Node, placements: dict, need: dict, program: Program) -> None:
+    """An op that writes its first argument in place (the KV cache's index_copy_) must find it in
+    the placement it is held in: a redistributed copy would take the write and the held tensor
+    would never see it - a silently wrong answer, so it is an error."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.arguments or schema.arguments[0].alias_info is None \
+            or not schema.arguments[0].alias_info.is_write or not isinstance(node.args[0], fx.Node):
+        return
+    target = node.args[0]
+    have, want = placements.get(target), need.get(target)
+    if want is not None and have is not None and tuple(map(describe, have)) != tuple(map(describe, want)):
+        raise NodeError(node, f"writes {target.name} in place, but {target.name} is held "
+                              f"{tuple(map(describe, have))} and this op needs it {tuple(map(describe, want))} on "
+                              f"mesh '{program.mesh}': the write would land in a redistributed copy. Place "
+                              f"{target.name} as the op needs it (sharding rule for {node.target})")
 
 
 def _on_dim(p: Any, i: int) -> Any:
@@ -255,7 +276,8 @@ class _Emitter:
                 new = self.graph.placeholder(node.name)
                 new.meta = dict(node.meta)
                 self.env[node] = new
-                if node.meta["meshc_input"] == "user" and isinstance(node.meta.get("val"), torch.Tensor):
+                if (node.meta["meshc_input"] == "user" and "meshc_held" not in node.meta
+                        and isinstance(node.meta.get("val"), torch.Tensor)):
                     held = tuple(Replicate() for _ in self.mesh.names)  # callers pass full inputs
                     self.env[node] = self._redistribute(new, held, self.placements[node])
             elif node.op == "output":
@@ -445,7 +467,8 @@ def _refresh_local_vals(program: Program) -> None:
     mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     for node in program.placeholders():
         val, pls = node.meta.get("val"), node.meta.get("meshc_placement")
-        if node.meta["meshc_input"] == "user" or not isinstance(val, torch.Tensor) or pls is None:
+        if (node.meta["meshc_input"] == "user" and "meshc_held" not in node.meta) or not isinstance(
+                val, torch.Tensor) or pls is None:
             continue
         shape = local_shape(val.shape, pls, program.mesh.sizes)
         if list(shape) != list(val.shape):

@@ -2,7 +2,7 @@
 original model.
 
 Entry point: `CompiledModel(program, backend)`; `rebind()` lowers again after the state changed
-(e.g. `meshc.load_checkpoint`); `generate()` runs the decode loop (`meshc.runtime.generate`);
+(e.g. `meshc.load_checkpoint`); `generate()` runs the decode loop (`meshc.runtime.generate.Generates`);
 `train_step()`, `make_optimizer()`, `clip_grad_norm_()` train (`meshc.runtime.training.Trains`).
 Calls are bound and checked against the captured inputs (`Program.bind_inputs`), run through the
 lowered callable, and the outputs rebuilt in the model's own structure (e.g. a Hugging Face `CausalLMOutputWithPast`).
@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from meshc.program import Program
+from meshc.runtime.generate import Generates
 from meshc.runtime.training import Trains
 
 
-class CompiledModel(Trains, torch.nn.Module):
+class CompiledModel(Generates, Trains, torch.nn.Module):
     def __init__(self, program: Program, backend: str = "auto", report: str = ""):
         super().__init__()
         self.program = program
@@ -34,23 +35,6 @@ class CompiledModel(Trains, torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.program.bind_inputs(args, kwargs)
         return self.program.unflatten_outputs(self._run_flat(flat))
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **options: Any) -> torch.Tensor:
-        """Prompt + new tokens, like Hugging Face's `model.generate` (greedy, or `do_sample=True`
-        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache.
-        `speculative="medusa"` (with `tree=`) decodes with the heads of the speculative_heads pass."""
-        if self.decoder is None:
-            from meshc.errors import MeshcError
-
-            raise MeshcError(f"{self.program.model_name} was compiled without a KV cache, so it cannot "
-                             f"generate; compile with meshc.compile(..., max_cache_len=N) (or generate=True)")
-        if options.get("speculative"):  # Medusa tree decoding (meshc.runtime.speculative)
-            from meshc.runtime.speculative import speculative_generate
-
-            return speculative_generate(self.decoder, input_ids, attention_mask, **options)
-        options.pop("speculative", None)
-        return self.decoder.generate(input_ids, attention_mask, **options)
 
     def extra_repr(self) -> str:
         p = self.program

@@ -54,15 +54,30 @@ class Decoder:
     programs: Any  # meshc.capture_decode.DecodePrograms
     backend: str = "auto"
     defaults: dict = field(default_factory=dict)  # eos_token_id / pad_token_id of the model
+    runners: dict = field(default_factory=dict)  # on a pp mesh: name -> PipelineModel running that Program
 
     def __post_init__(self) -> None:
+        self.layout = self.programs.layout
+        self.rebind()
+        self.stats = GenerationStats()
+
+    def rebind(self) -> None:
+        """Lower both Programs (again after `meshc.load_checkpoint` changed their state) and
+        allocate this rank's cache."""
         from meshc.backends import lower
 
-        self.layout = self.programs.layout
-        self._prefill, self.backend = lower(self.programs.prefill, self.backend)
-        self._decode, _ = lower(self.programs.decode, self.backend)
-        self.cache = self.layout.allocate()
-        self.stats = GenerationStats()
+        if self.runners:  # pipeline stages: each runner lowered its local stages
+            for r in self.runners.values():
+                r.rebind()
+            self._prefill, self._decode = self.runners["prefill"].run_flat, self.runners["decode"].run_flat
+            self.backend = self.runners["prefill"].backend
+            local = _cache_read(self.runners, self.programs)
+        else:
+            prefill, self.backend = lower(self.programs.prefill, self.backend)
+            decode, _ = lower(self.programs.decode, self.backend)
+            self._prefill, self._decode = (lambda flat: prefill(flat)[0]), (lambda flat: decode(flat)[0])
+            local = None
+        self.cache, self.batch_split = _local_cache(self.programs, local)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
@@ -78,7 +93,7 @@ class Decoder:
         choose = _sampler(temperature, top_k, top_p) if do_sample else _greedy
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        cache = [c[:batch] for c in self.cache]  # views: the graphs write the buffers in place
+        cache = [c[:batch // self.batch_split] for c in self.cache]  # views: the graphs write them in place
         length = self.layout.max_cache_len
         minimum = torch.finfo(self.layout.dtype).min
         bias = torch.full((batch, 1, 1, length), minimum, dtype=self.layout.dtype, device=input_ids.device)
@@ -88,7 +103,7 @@ class Decoder:
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = self._prefill([input_ids, mask, *cache])[0]
+            logits = self._prefill([input_ids, mask, *cache])
             for step in range(max_new_tokens):
                 token = choose(logits[:, -1, :])
                 token = torch.where(unfinished, token, pad)
@@ -104,7 +119,7 @@ class Decoder:
                 at = prompt + step
                 bias[..., at] = 0.0
                 logits = self._decode([token[:, None], position, torch.tensor([at], device=input_ids.device),
-                                       bias, *cache])[0]
+                                       bias, *cache])
                 position = position + 1
         t2 = time.perf_counter()
         if streamer is not None:
@@ -124,6 +139,10 @@ class Decoder:
                              f"got {list(attention_mask.shape)}")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+        if batch % self.batch_split:
+            raise InputError(f"batch {batch} does not divide over the mesh's data-parallel size "
+                             f"{self.batch_split} (mesh '{self.programs.prefill.mesh}'), which splits the batch "
+                             f"and its KV cache; pass a batch that is a multiple of {self.batch_split}")
         if batch > layout.max_batch_size:
             raise InputError(f"batch {batch} is past max_batch_size={layout.max_batch_size}, the cache's batch; "
                              f"split the batch or compile with max_batch_size={batch}")
@@ -133,6 +152,64 @@ class Decoder:
                              f"shorten the prompt or max_new_tokens, or compile with "
                              f"max_cache_len={prompt + max_new_tokens} or more")
         return batch, prompt
+
+
+class Generates:
+    """`generate()` for the compiled models (CompiledModel, PipelineModel): set `self.decoder`."""
+
+    decoder: Decoder | None = None  # a Decoder when compiled with max_cache_len=... (or generate=True)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **options: Any) -> torch.Tensor:
+        """Prompt + new tokens, like Hugging Face's `model.generate` (greedy, or `do_sample=True`
+        with temperature/top_k/top_p), from the compiled prefill and decode Programs and their KV cache."""
+        if self.decoder is None:
+            raise MeshcError(f"{self.program.model_name} was compiled without a KV cache, so it cannot "
+                             f"generate; compile with meshc.compile(..., max_cache_len=N) (or generate=True)")
+        return self.decoder.generate(input_ids, attention_mask, **options)
+
+
+def _cache_read(runners: dict, programs: Any) -> list[bool]:
+    """Per cache tensor: does one of this rank's pipeline stages read it (in both Programs alike)?"""
+    reads = []
+    for name, first in (("prefill", 2), ("decode", 4)):  # flat inputs: ids, mask | ids, pos, at, bias; cache
+        n = len(programs.layout.kv_shapes) * 2
+        reads.append([first + i in runners[name].user_inputs_read() for i in range(n)])
+    if reads[0] != reads[1]:
+        raise MeshcError(f"pipeline_partition put the layers of the prefill and decode Programs on different "
+                         f"stages (cache tensors read here: prefill {reads[0]}, decode {reads[1]}), so one rank "
+                         f"cannot hold a layer's cache for both; compile with a pp size that divides the layers")
+    return reads[0]
+
+
+def _local_cache(programs: Any, local: list[bool] | None = None) -> tuple[list[torch.Tensor], int]:
+    """This rank's cache buffers (each layer's K and V of max_batch_size, in the placement the
+    passes gave the held inputs: heads split over tp, batch over dp; on a pp mesh only the layers
+    of this rank's stages, the others a zero-stride stand-in) and how many ranks split the batch."""
+    from meshc.placement import Shard, describe, local_shape
+
+    layout, mesh = programs.layout, programs.prefill.mesh
+    held = [[n.meta.get("meshc_placement") for n in p.placeholders("user") if "meshc_held" in n.meta]
+            for p in (programs.prefill, programs.decode)]
+    if [[describe(x) for x in pls or ()] for pls in held[0]] != [[describe(x) for x in pls or ()] for pls in held[1]]:
+        raise MeshcError(f"the prefill and decode Programs place the KV cache differently ({held[0]} vs "
+                         f"{held[1]}); both must follow meshc.plan.held_placements")
+    pls = held[0][0] or ()
+    split = 1
+    for p, n in zip(pls, mesh.sizes):
+        split *= n if isinstance(p, Shard) and p.dim == 0 else 1
+    if layout.max_batch_size % split:
+        raise MeshcError(f"max_batch_size={layout.max_batch_size} does not divide over the data-parallel size "
+                         f"{split} of mesh '{mesh}'; compile with a max_batch_size that is a multiple of {split}")
+    shapes = [(layout.max_batch_size, *shape) for pair in layout.kv_shapes for shape in pair]
+    cache = []
+    for i, (shape, p) in enumerate(zip(shapes, held[0])):
+        shape = local_shape(shape, p, mesh.sizes) if p else list(shape)
+        if local is None or local[i]:
+            cache.append(torch.zeros(shape, dtype=layout.dtype, device=layout.device))
+        else:  # another stage's layer: never read here, held at no cost
+            cache.append(torch.zeros((), dtype=layout.dtype, device=layout.device).expand(shape))
+    return cache, split
 
 
 def _check_options(options: dict) -> None:

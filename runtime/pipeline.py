@@ -46,12 +46,13 @@ import torch.utils._pytree as pytree
 from meshc.errors import MeshcError, MeshError, ScheduleError
 from meshc.mesh import DP, PP, TP
 from meshc.program import Program, trainable
+from meshc.runtime.generate import Generates
 from meshc.runtime.pipeline_p2p import Exchange, microbatch, shape_binding, split_microbatches
 from meshc.runtime.pipeline_weight_grads import weight_grads
 from meshc.schedules import Action, Schedule
 
 
-class PipelineModel(torch.nn.Module):
+class PipelineModel(Generates, torch.nn.Module):
     def __init__(self, program: Program, schedule: Schedule, device_mesh: Any = None, *,
                  backend: str = "aten", timeout: float | None = None):
         super().__init__()
@@ -128,6 +129,15 @@ class PipelineModel(torch.nn.Module):
         flat = self.program.bind_inputs(args, kwargs)
         with torch.no_grad():
             return self._step(flat, None, None)
+
+    def run_flat(self, flat: list) -> Any:
+        """Inference on the flat user inputs (what the generation loop calls every step)."""
+        with torch.no_grad():
+            return self._step(flat, None, None)
+
+    def user_inputs_read(self) -> set[int]:
+        """Indices of the flat user inputs this rank's stages read (a stage's KV cache, say)."""
+        return {i for st in self.local.values() for i in st.user}
 
     def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
         """One step: every micro-batch forward and backward per the schedule. Returns the mean

@@ -29,7 +29,6 @@ def load_checkpoint(compiled, path: str | Path) -> None:
     `inv_freq`, ...) were recomputed at capture (`meshc.meta_buffers`) and are kept."""
     from safetensors import safe_open
 
-    program = compiled.program
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path}")
@@ -37,6 +36,19 @@ def load_checkpoint(compiled, path: str | Path) -> None:
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             index.update({k: f for k in h.keys()})
+    _load_program(compiled.program, path, index)
+    compiled.rebind()
+    decoder = getattr(compiled, "decoder", None)
+    if decoder is not None:  # the generation Programs hold their own (differently cut) state
+        for name in ("prefill", "decode"):
+            runner = decoder.runners.get(name)
+            _load_program(runner.program if runner is not None else getattr(decoder.programs, name), path, index)
+        decoder.rebind()
+
+
+def _load_program(program, path: str | Path, index: dict[str, Path]) -> None:
+    from safetensors import safe_open
+
     renamed = _hf_renames(program.model_name, path, index)
     coords = program.mesh.coords(program.rank)
     tied = {name: group for group in program.tied_groups() for name in group}
@@ -61,7 +73,6 @@ def load_checkpoint(compiled, path: str | Path) -> None:
         raise MeshError(f"after loading {path}, {len(missing)} tensor(s) are still on 'meta' (not in the checkpoint, "
                         f"e.g. non-persistent buffers): {', '.join(missing[:5])}. Build the model on a real device, "
                         f"or add them to the checkpoint.")
-    compiled.rebind()
 
 
 def _check_constants(program) -> None:
