@@ -10,7 +10,8 @@ What is measured — microbenchmarks only; no model is run and nothing is fitted
   (FLOP/s per size, interpolated by the cost model), `peak_flops` = the best;
 * memory bandwidth: copying a 64 MB tensor (read + write) → `mem_bandwidth`;
 * fixed cost per call of the ATen ops whose overhead differs from a pointwise op's (linear,
-  attention, reductions, cat, embedding, index, copies) on tiny inputs → `op_overheads`;
+  attention, reductions, cat, embedding, index, copies) on tiny inputs, relative to `aten.mul`
+  timed alike, times the per-node cost below → `op_overheads`;
 * the ATen backend's dispatch overhead: FX GraphModules of 1 and 401 tiny ATen ops (pointwise,
   views, reductions), run through `CompiledModel` as compiled programs are: slope → seconds per
   node (`dispatch_overhead`), intercept → seconds per call (`call_overhead`);
@@ -133,7 +134,9 @@ def _tiny_ops() -> dict[str, Callable[[], object]]:
 
 
 def measure_ops(seconds: float) -> dict[str, float]:
-    """Seconds per call of each op in `_tiny_ops` (median of 50-call loops: Python call + dispatch + kernel)."""
+    """Seconds per call of each op in `_tiny_ops` (median of 50-call loops: Python call + dispatch + kernel).
+    A loop of one op runs hotter than a graph's mix of ops, so `calibrate` uses these as ratios to
+    `aten.mul.Tensor` measured alike, applied to the per-node cost measured on graphs."""
     out = {}
     with torch.no_grad():
         for name, fn in _tiny_ops().items():
@@ -224,7 +227,8 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
     figures: dict[str, Any] = dict(peak_flops=max(r for _, r in curve), mem_bandwidth=bandwidth,
                                    dispatch_overhead=per_node, call_overhead=per_call,
                                    matmul_curve=tuple((f, r) for f, r in curve),
-                                   op_overheads=tuple(sorted(ops.items())))
+                                   op_overheads=tuple(sorted((k, per_node * t / ops["aten.mul.Tensor"])
+                                                             for k, t in ops.items())))
     raw: dict[str, Any] = {"matmul": [{"mkn": list(s), "flops": f, "flop_per_s": r}
                                       for s, (f, r) in zip(MATMUL_SIZES, curve)],
                            "op_seconds": ops, "copy_bytes_per_s": bandwidth, "dispatch_s_per_node": per_node,
@@ -253,7 +257,8 @@ SOURCES = {
     "dispatch_overhead": "meshc calibrate: slope of CompiledModel calls over FX graphs of 1 and 401 tiny ATen ops",
     "call_overhead": "meshc calibrate: intercept of the same fit (binding inputs, pytree, output)",
     "matmul_curve": "meshc calibrate: median torch.mm time per size",
-    "op_overheads": "meshc calibrate: median seconds per call of each ATen op on tiny inputs (50-call loops)",
+    "op_overheads": "meshc calibrate: dispatch_overhead x (op's / aten.mul's median seconds per call on tiny "
+                    "inputs, 50-call loops)",
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, "
                        "relative least-squares t = a + b*bytes, as ring alpha/beta",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",

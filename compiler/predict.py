@@ -15,7 +15,8 @@ where overhead(op) is the fixed time the preset measured for that ATen op on tin
 collectives are read from the graph (`_c10d_functional.*`: what runs, with the bytes the graph
 moves) and priced by `meshc.redistribute.step_time`, as the preset's process-group backend
 implements them. Peak memory: the state tensors (each storage once) plus the most bytes of
-non-view node outputs alive at once, each freed after its last reader (outputs live to the end).
+non-view node outputs alive at once, each freed after its last reader or its views' last reader
+(outputs live to the end).
 Arithmetic on the graph's metadata only: never runs a model or touches a process group.
 """
 
@@ -103,6 +104,11 @@ def stage_times(program, preset: DevicePreset | str) -> list[Prediction]:
     return [forward_time(stage.program, preset) for stage in program.split.stages]
 
 
+def _aliases(node: fx.Node) -> bool:
+    """A node whose value shares its input's storage (a view, or tuple indexing)."""
+    return node.op == "call_function" and (getattr(node.target, "is_view", False) or node.target in _NOT_DISPATCHED)
+
+
 def _storage_key(t: torch.Tensor):
     try:
         return t.untyped_storage().data_ptr() if not t.is_meta else id(t)
@@ -119,15 +125,17 @@ def peak_memory(program) -> tuple[int, int]:
             seen.add(k)
             state += t.untyped_storage().nbytes() if not t.is_meta else t.numel() * t.element_size()
     order = list(program.graph.nodes)
-    last = {}
-    for i, n in enumerate(order):
-        for u in n.all_input_nodes:
-            last[u] = i
+    index = {n: i for i, n in enumerate(order)}
+    last: dict[fx.Node, int] = {}
+    for n in reversed(order):  # a view keeps its base alive: a value lives until its views' last reader
+        ends = [index[u] if not _aliases(u) else max(index[u], last.get(u, index[u])) for u in n.users]
+        if ends:
+            last[n] = max(ends)
     output = order[-1]
     live = peak = 0
     frees: dict[int, list[int]] = {}
     for i, n in enumerate(order):
-        if n.op == "call_function" and not getattr(n.target, "is_view", False) and n.target not in _NOT_DISPATCHED \
+        if n.op == "call_function" and not _aliases(n) \
                 and not str(n.target).endswith("_.default") and "wait_tensor" not in str(n.target):
             b = value_bytes(n)
             live += b

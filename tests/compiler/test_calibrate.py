@@ -1,0 +1,127 @@
+"""meshc calibrate (microbenchmarks -> preset file), preset files, and meshc.predict's arithmetic."""
+
+import json
+import math
+
+import meshc
+import pytest
+import torch
+import torch.fx as fx
+from meshc import calibrate as cal
+from meshc import cost_model as cm
+from meshc.cli import main
+from meshc.predict import forward_time, peak_memory
+from meshc.redistribute import Step, step_time
+
+
+def test_fit_line_recovers_a_line_and_weighs_relative_error():
+    pts = [(x, 3e-4 + 2e-9 * x) for x in (1e3, 1e4, 1e5, 1e6, 1e7)]
+    a, b = cal.fit_line(pts)
+    assert a == pytest.approx(3e-4, rel=1e-9) and b == pytest.approx(2e-9, rel=1e-9)
+    # one wild point at the large end moves the small-message latency little (relative weights)
+    a2, _ = cal.fit_line(pts[:-1] + [(1e7, 10 * pts[-1][1])])
+    assert a2 == pytest.approx(3e-4, rel=0.3)
+
+
+def test_meshc_calibrate_writes_a_preset_that_preset_accepts(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["calibrate", "--out", str(out), "--seconds", "0.2"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    p = cm.get_preset(str(out))  # what --preset FILE and preset='FILE' do
+    assert p.name == "cpu-calibrated" and p.source == str(out)
+    assert set(doc["sources"]) == set(doc["figures"])  # every figure says where it came from
+    assert p.peak_flops == max(r for _, r in p.matmul_curve) > 0 and p.mem_bandwidth > 0
+    assert p.dispatch_overhead > 0 and p.call_overhead >= 0
+    ops = dict(p.op_overheads)
+    assert ops["aten.mul.Tensor"] == pytest.approx(p.dispatch_overhead)  # ratios to mul, scaled to graphs
+    assert p.overhead(torch.ops.aten.linear.default) == ops["aten.linear.default"]
+    assert p.overhead(torch.ops.aten.rsqrt.default) == p.dispatch_overhead  # not measured: the generic figure
+    assert p.link() == cm.PRESETS["cpu-gloo"].link() and not p.collective_fits  # no mesh: links not measured
+    flops = [f for f, _ in p.matmul_curve]
+    assert cm.matmul_rate(flops[0] / 10, p) == p.matmul_curve[0][1]  # clamped below the curve
+    assert cm.matmul_rate(flops[-1] * 10, p) == p.matmul_curve[-1][1]  # and above
+
+
+def test_collective_fits_become_ring_alpha_beta(monkeypatch):
+    n = 2
+    measured = {"all_reduce": [(b, 1e-4 + b * 1e-9) for b in cal.MESSAGE_BYTES],
+                "all_gather_into_tensor": [(b, 5e-5 + b * 4e-10) for b in cal.MESSAGE_BYTES]}
+    monkeypatch.setattr(cal, "measure_collectives", lambda spec: (n, measured))
+    monkeypatch.setattr(cal, "measure_matmuls", lambda s: [(1e6, 1e10), (1e8, 2e10)])
+    monkeypatch.setattr(cal, "measure_bandwidth", lambda s: 5e9)
+    monkeypatch.setattr(cal, "measure_dispatch", lambda s: (1e-5, 2e-5))
+    monkeypatch.setattr(cal, "measure_ops", lambda s: {"aten.mul.Tensor": 2e-6, "aten.linear.default": 6e-6})
+    p, raw = cal.calibrate("tp=2", seconds=0.0)
+    # the preset reproduces what was measured, for the group size it was measured on
+    for kind, rows in measured.items():
+        for nbytes, t in rows:
+            assert cm.collective_time(kind, nbytes, n, p) == pytest.approx(t, rel=1e-6)
+    assert dict(p.op_overheads)["aten.linear.default"] == pytest.approx(3e-5)
+    assert p.link() == p.fit("all_reduce")  # uncalibrated kinds and p2p use the all-reduce link
+    assert p.fit("reduce_scatter_tensor") is None  # not measured: priced as the backend implements it
+    assert raw["collectives"]["group_size"] == 2
+
+
+def test_preset_files_cite_every_figure():
+    for name in ("h100-nvlink", "h200-nvlink", "a100-nvlink", "h100-nvlink-decode"):
+        p = cm.PRESETS[name]
+        doc = json.loads(open(p.source).read())
+        assert set(doc["figures"]) <= set(doc["sources"]) and all(doc["sources"].values())
+
+
+def test_bad_preset_file_is_a_clear_error(tmp_path):
+    with pytest.raises(meshc.SpecError, match="meshc calibrate --out"):
+        cm.get_preset(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "x", "figures": {"peak_flops": 1}}')
+    with pytest.raises(meshc.SpecError, match="not a meshc preset"):
+        cm.get_preset(str(bad))
+
+
+def _chain_program():
+    """x[1024] -> a = x + 1 -> v = a.view -> b = v * v -> out (b, a): known sizes, one view."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.add.Tensor, (x, 1.0))
+    v = g.call_function(torch.ops.aten.view.default, (a, [32, 32]))
+    b = g.call_function(torch.ops.aten.mul.Tensor, (v, v))
+    c = g.call_function(torch.ops.aten.sum.default, (b,))
+    g.output((c,))
+    return meshc.capture(fx.GraphModule(torch.nn.Module(), g), (torch.randn(1024),), dynamic_shapes=None)
+
+
+def test_forward_time_is_roofline_plus_per_op_overheads():
+    program = _chain_program()
+    p = cm.DevicePreset("t", 1e9, 1e9, 0, 0, 0, 0, 1, dispatch_overhead=1e-6, call_overhead=5e-6,
+                        op_overheads=(("aten.sum.default", 4e-6),))
+    pr = forward_time(program, p)
+    nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+    assert pr.nodes == len(nodes) == 4
+    assert pr.dispatch_s == pytest.approx(5e-6 + 3 * 1e-6 + 4e-6)
+    assert pr.compute_s == pytest.approx(sum(cm.node_time(n, p) for n in nodes))
+    assert pr.comm_s == 0 and pr.total_s == pytest.approx(pr.compute_s + pr.dispatch_s)
+
+
+def test_peak_memory_frees_after_last_reader():
+    state, peak = peak_memory(_chain_program())
+    assert state == 0
+    assert peak == 2 * 4096  # a and b alive together (the view is free); the 4-byte sum comes after b's last read
+
+
+def test_collectives_priced_as_the_backend_runs_them(mlp):
+    from meshc.pipeline import resolve
+
+    spec = meshc.MeshSpec.parse("tp=2")
+    program = meshc.capture(mlp.model, mlp.example_inputs, dynamic_shapes=None, mesh=spec)
+    program.plan = "megatron"
+    program = meshc.PassManager(resolve(spec, "default", "megatron").pipeline).run(program)
+    gloo = cm.get_preset("cpu-gloo")
+    pr = forward_time(program, gloo)
+    colls = [n for n in program.graph.nodes if getattr(n.target, "namespace", "") == "_c10d_functional"
+             and "wait" not in str(n.target)]
+    assert colls and sum(pr.collectives.values()) == len(colls)
+    expected = sum(step_time(Step(str(n.target).split(".")[-2], None, None, nbytes=cm.value_bytes(
+        n if "gather" in str(n.target) or "all_reduce" in str(n.target) else n.args[0])), 2, gloo) for n in colls)
+    assert pr.comm_s == pytest.approx(expected) and pr.comm_s > 0
+    assert math.isfinite(pr.total_s)
