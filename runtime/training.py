@@ -70,6 +70,18 @@ class Trains:
         """Clip by the global gradient norm over every shard; returns the norm before clipping."""
         return self.trainer.clip_grad_norm_(max_norm)
 
+    def save_sharded(self, folder, optimizer=None) -> None:
+        """Every rank writes its shards (and `optimizer`'s); see `meshc.runtime.train_checkpoint`."""
+        from meshc.runtime.train_checkpoint import save_sharded
+
+        save_sharded(self, optimizer, folder)
+
+    def load_sharded(self, folder, optimizer=None) -> None:
+        """Resume from `save_sharded` files written on any dp size or ZeRO stage."""
+        from meshc.runtime.train_checkpoint import load_sharded
+
+        load_sharded(self, optimizer, folder)
+
 
 @dataclass
 class Slot:
