@@ -34,3 +34,16 @@ def test_convert_ladder_smoke(tmp_path):
     metrics = json.loads((tmp_path / "ladder_metrics.json").read_text())["bits_per_byte"]
     assert abs(metrics["healed"] - metrics["healed_tp=2"]) <= 1e-4
     assert "rewired sub-layers [9, 10, 11, 12, 13, 14, 15, 16]" in out
+
+
+@pytest.mark.timeout(600)
+def test_train_medusa_smoke(tmp_path):
+    """3 training steps of the Medusa heads; the file holds 4 heads the pass can load, with accuracies."""
+    from safetensors import safe_open
+
+    out = run_example("examples/train_medusa.py", "--smoke", "--threads", "1", "--out", str(tmp_path / "h.safetensors"))
+    assert "Medusa-1 Vicuna-7B" in out and "default tree" in out
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
+        assert sorted(f.keys())[:2] == ["0.blocks.0.weight", "0.proj.weight"] and len(f.keys()) == 8
+        top1 = json.loads(f.metadata()["top1"])
+    assert len(top1) == 4 and all(0 <= a <= 1 for a in top1)
