@@ -88,7 +88,10 @@ def measure(device_mesh, trees: list[int], prompts: int, new: int, repeats: int)
 
 def _call_times(decoder, cache: int, largest: int) -> dict[int, float]:
     """Median ms of one decode-Program call with T tokens at cache position 64 (T = 1, 4, 16, 64)."""
+    from meshc.runtime.speculative import runners
+
     out = {}
+    decode = runners(decoder).decode
     kv = [c[:1] for c in decoder.cache]
     for t in (1, 4, 16, 64):
         if t > largest or 64 + t > cache:
@@ -99,7 +102,7 @@ def _call_times(decoder, cache: int, largest: int) -> dict[int, float]:
         for _ in range(7):
             start = time.perf_counter()
             with torch.no_grad():
-                decoder._decode([ids, torch.arange(64, 64 + t)[None], torch.arange(64, 64 + t), bias, *kv])
+                decode([ids, torch.arange(64, 64 + t)[None], torch.arange(64, 64 + t), bias, *kv])
             times.append((time.perf_counter() - start) * 1e3)
         out[t] = statistics.median(times[2:])
     return out

@@ -166,6 +166,11 @@ class Generates:
         if self.decoder is None:
             raise MeshcError(f"{self.program.model_name} was compiled without a KV cache, so it cannot "
                              f"generate; compile with meshc.compile(..., max_cache_len=N) (or generate=True)")
+        if options.get("speculative"):  # Medusa tree decoding (issue 14): meshc.runtime.speculative
+            from meshc.runtime.speculative import speculative_generate
+
+            return speculative_generate(self.decoder, input_ids, attention_mask, **options)
+        options.pop("speculative", None)
         return self.decoder.generate(input_ids, attention_mask, **options)
 
 

@@ -193,10 +193,10 @@ def speculative_generate(decoder: Any, input_ids: torch.Tensor, attention_mask: 
     if acceptance not in ("greedy", "typical"):
         raise MeshcError(f"acceptance={acceptance!r}: use 'greedy' (lossless) or 'typical' (Medusa's ε, δ; "
                          f"not lossless)")
-    batch, prompt = decoder._check_inputs(input_ids, attention_mask, max_new_tokens)
-    if batch != 1:
-        raise InputError(f"speculative decoding runs batch 1 (one tree per step); got batch {batch}. "
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
+        raise InputError(f"speculative decoding runs batch 1 (one tree per step); got batch {input_ids.shape[0]}. "
                          f"Call generate once per sequence, or without speculative= for a batch")
+    _, prompt = decoder._check_inputs(input_ids, attention_mask, max_new_tokens)
     tree = _resolve_tree(tree, programs.decode, heads)
     if acceptance == "typical" and temperature <= 0:
         raise MeshcError(f"typical acceptance samples at temperature > 0; got {temperature} (use acceptance='greedy')")
@@ -213,9 +213,10 @@ def speculative_generate(decoder: Any, input_ids: torch.Tensor, attention_mask: 
     committed[:prompt].masked_fill_(mask[0].bool(), 0.0)
     cur, position = prompt, int(mask.sum())  # next cache slot, next token's position
     new: list[int] = []
+    run = runners(decoder)
     steps, t0 = 0, time.perf_counter()
     with torch.no_grad():
-        out = decoder._prefill([input_ids, mask, *cache])
+        out = run.prefill([input_ids, mask, *cache])
         token = int(choose(out[0][0, -1:])[0])
         medusa = out[1][:, 0, -1]  # [heads, V]
         t1 = time.perf_counter()
@@ -230,7 +231,7 @@ def speculative_generate(decoder: Any, input_ids: torch.Tensor, attention_mask: 
             bias = torch.full((1, 1, t, length), minimum, dtype=dtype, device=dev)
             bias[0, 0, :, :cur] = committed[:cur]
             bias[0, 0, :, cur:cur + t].masked_fill_(step_tree.visible.to(dev), 0.0)
-            out = decoder._decode([tokens[None], (position + step_tree.depths.to(dev))[None],
+            out = run.decode([tokens[None], (position + step_tree.depths.to(dev))[None],
                                    torch.arange(cur, cur + t, device=dev), bias, *cache])
             steps += 1
             path = _accept(out[0][0], tokens, step_tree, acceptance, choose)
@@ -251,6 +252,32 @@ def speculative_generate(decoder: Any, input_ids: torch.Tensor, attention_mask: 
         streamer.end()
     decoder.speculative_stats = SpeculativeStats(prompt, len(new), steps, tree.size, t1 - t0, t2 - t1)
     return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=dev)], dim=1)
+
+
+@dataclass
+class Runners:
+    """The decoder's prefill and decode Programs lowered to return every flat output (logits and
+    medusa_logits), for the Decoder as lowered now (`key`: its plain decode callable)."""
+
+    prefill: Any
+    decode: Any
+    key: Any
+
+
+def runners(decoder: Any) -> Runners:
+    """Lower the decoder's Programs once (again after `Decoder.rebind`), returning all outputs."""
+    from meshc.backends import lower
+
+    found = getattr(decoder, "medusa_runners", None)
+    if found is not None and found.key is decoder._decode:
+        return found
+    if getattr(decoder, "runners", None):
+        raise MeshcError("speculative decoding on a pipeline-parallel (pp) mesh is not implemented; use one "
+                         "device or a tp mesh")
+    prefill, _ = lower(decoder.programs.prefill, decoder.backend)
+    decode, _ = lower(decoder.programs.decode, decoder.backend)
+    decoder.medusa_runners = Runners(prefill, decode, decoder._decode)
+    return decoder.medusa_runners
 
 
 def _resolve_tree(tree: Any, program: Any, heads: int) -> Tree:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from meshc.errors import InputError, MeshcError
 from meshc.passes.speculative_heads import heads_pipeline
-from meshc.runtime.speculative import MC_SIM_7B_63, Tree, default_tree, expected_length, speculative_generate
+from meshc.runtime.speculative import MC_SIM_7B_63, Tree, default_tree, expected_length, runners, speculative_generate
 
 HEADS = ref.PACKAGE_DIR / "medusa_heads.safetensors"
 NEW = 128
@@ -69,13 +69,14 @@ def _compare(model, compiled, prompts, trees) -> dict:
     counts. Each verification step is one decode call whose T is the tree's size."""
     decoder = compiled.decoder
     calls = []
-    real = decoder._decode
+    run = runners(decoder)
+    real = run.decode
 
     def counting(flat):
         calls.append(tuple(flat[0].shape))
         return real(flat)
 
-    decoder._decode = counting
+    run.decode = counting
     stats = {"near_ties": 0, "steps": 0, "tokens": 0}
     try:
         for ids in prompts:
@@ -97,7 +98,7 @@ def _compare(model, compiled, prompts, trees) -> dict:
                 stats["steps"] += st.steps
                 stats["tokens"] += st.new_tokens - 1
     finally:
-        decoder._decode = real
+        run.decode = real
     return stats
 
 
