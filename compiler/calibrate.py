@@ -21,7 +21,8 @@ What is measured — microbenchmarks only; no model is run and nothing is fitted
   group size (`collective_fits`). A collective the backend lacks (gloo has no reduce-scatter) is
   skipped: `meshc.redistribute` prices it as the backend implements it (an all-reduce + chunk).
 
-Times are medians of repeated runs (a shared machine disturbs single runs both ways). Every rank
+Times are the least of repeated runs: on a shared machine other jobs only add time, so the
+fastest run is the machine's own speed (compare them with least measured times). Every rank
 uses rank 0's figures, so all ranks plan alike.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -49,15 +49,16 @@ MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
 ROUNDS = {"all_reduce": 2, "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1, "all_to_all_single": 1}
 
 
-def _median_time(fn: Callable[[], object], seconds: float, min_calls: int = 5) -> float:
-    """Median seconds of repeated calls of fn within about `seconds` (after one warm-up)."""
+def _least_time(fn: Callable[[], object], seconds: float, min_calls: int = 5) -> float:
+    """Least seconds of repeated calls of fn within about `seconds` (after one warm-up): on a shared
+    machine other jobs only add time, so the fastest call is this machine's own speed."""
     fn()
     times, start = [], time.perf_counter()
     while len(times) < min_calls or (time.perf_counter() - start < seconds and len(times) < 2000):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return max(statistics.median(times), 1e-9)
+    return max(min(times), 1e-9)
 
 
 def measure_matmuls(seconds: float) -> list[tuple[float, float]]:
@@ -67,7 +68,7 @@ def measure_matmuls(seconds: float) -> list[tuple[float, float]]:
         for m, k, n in MATMUL_SIZES:
             a, b = torch.randn(m, k), torch.randn(k, n)
             flops = 2.0 * m * k * n
-            out.append((flops, flops / _median_time(lambda a=a, b=b: torch.mm(a, b), seconds / len(MATMUL_SIZES))))
+            out.append((flops, flops / _least_time(lambda a=a, b=b: torch.mm(a, b), seconds / len(MATMUL_SIZES))))
     return out
 
 
@@ -75,7 +76,7 @@ def measure_bandwidth(seconds: float) -> float:
     """Bytes/s of a 64 MB copy (read + write)."""
     src = torch.randn(16 << 20)
     dst = torch.empty_like(src)
-    return 2 * src.nbytes / _median_time(lambda: dst.copy_(src), seconds)
+    return 2 * src.nbytes / _least_time(lambda: dst.copy_(src), seconds)
 
 
 def _chain(nodes: int) -> fx.GraphModule:
@@ -106,7 +107,7 @@ def measure_dispatch(seconds: float) -> tuple[float, float]:
         program = capture(_chain(nodes), (x,), dynamic_shapes=None)
         compiled = CompiledModel(program, "aten")
         with torch.no_grad():
-            times[nodes] = _median_time(lambda c=compiled: c(x), seconds / 2)
+            times[nodes] = _least_time(lambda c=compiled: c(x), seconds / 2)
     per_node = max((times[401] - times[1]) / 400, 0.0)
     return per_node, max(times[1] - per_node, 0.0)
 
@@ -134,7 +135,7 @@ def _tiny_ops() -> dict[str, Callable[[], object]]:
 
 
 def measure_ops(seconds: float) -> dict[str, float]:
-    """Seconds per call of each op in `_tiny_ops` (median of 50-call loops: Python call + dispatch + kernel).
+    """Seconds per call of each op in `_tiny_ops` (least of 50-call loops: Python call + dispatch + kernel).
     A loop of one op runs hotter than a graph's mix of ops, so `calibrate` uses these as ratios to
     `aten.mul.Tensor` measured alike, applied to the per-node cost measured on graphs."""
     out = {}
@@ -143,7 +144,7 @@ def measure_ops(seconds: float) -> dict[str, float]:
             def loop(fn=fn):
                 for _ in range(50):
                     fn()
-            out[name] = _median_time(loop, seconds / len(_tiny_ops())) / 50
+            out[name] = _least_time(loop, seconds / len(_tiny_ops())) / 50
     return out
 
 
@@ -160,7 +161,7 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, list[tuple[float, float]]]:
-    """On every rank: median seconds per (collective, bytes), issued as the compiled graphs issue them."""
+    """On every rank: least seconds per (collective, bytes), issued as the compiled graphs issue them."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -193,14 +194,14 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, list[tuple
                 c10d.wait_tensor.default(op(t))
                 samples.append(time.perf_counter() - t0)
             counted = local * 4 if kind in ("all_to_all_single",) else numel * 4
-            rows.append((float(counted), statistics.median(samples[1:])))
+            rows.append((float(counted), min(samples[1:])))
         out[kind] = rows
     return out
 
 
 def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> tuple[int, dict]:
     """(group size, {collective: [(bytes, seconds), ...]}) on the mesh's tensor-parallel (else first)
-    dim, the slowest rank's median per size (a collective ends when its last rank does)."""
+    dim, the slowest rank's least time per size (a collective ends when its last rank does)."""
     from meshc.mesh import MeshSpec
     from meshc.runtime.launch import launch
 
@@ -253,11 +254,11 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
 
 SOURCES = {
     "peak_flops": "the fastest size of the matmul_curve (meshc calibrate: torch.mm float32)",
-    "mem_bandwidth": "meshc calibrate: median copy of a 64 MB float32 tensor, read + write bytes",
+    "mem_bandwidth": "meshc calibrate: least time of a copy of a 64 MB float32 tensor, read + write bytes",
     "dispatch_overhead": "meshc calibrate: slope of CompiledModel calls over FX graphs of 1 and 401 tiny ATen ops",
     "call_overhead": "meshc calibrate: intercept of the same fit (binding inputs, pytree, output)",
-    "matmul_curve": "meshc calibrate: median torch.mm time per size",
-    "op_overheads": "meshc calibrate: dispatch_overhead x (op's / aten.mul's median seconds per call on tiny "
+    "matmul_curve": "meshc calibrate: least torch.mm time per size",
+    "op_overheads": "meshc calibrate: dispatch_overhead x (op's / aten.mul's least seconds per call on tiny "
                     "inputs, 50-call loops)",
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, "
                        "relative least-squares t = a + b*bytes, as ring alpha/beta",

@@ -4,7 +4,11 @@ meshc's single cost model, shared by auto-sharding, pipeline partitioning and th
 speedup prediction. Entry points:
 
 - `DevicePreset`, `PRESETS`, `get_preset(name_or_preset)`: the hardware figures;
-  `default_preset(program)`: the preset for where a Program's tensors live.
+  `default_preset(program)`: the preset for where a Program's tensors live. Presets are
+  `cpu-gloo` (below) and the files in `compiler/presets/` (`load_preset`: every figure with its
+  published source); `get_preset` also takes the path of a `meshc calibrate` file. Measured
+  presets add a matmul curve (`matmul_rate`), per-node and per-op overheads and per-collective
+  alpha/beta fits; whole-program time and memory are `meshc.predict`'s.
 - `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
   (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
   costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`. `p2p_time`:
@@ -13,7 +17,8 @@ speedup prediction. Entry points:
 - `value_bytes(node)`: bytes of the tensors a node produces.
 - `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
   FakeTensors in `node.meta["val"]` (symbolic sizes are costed at their hint).
-- `calibrate_cpu(seconds)`: measure this machine and return a "cpu-calibrated" preset.
+- `calibrate_cpu(seconds)`: a quick peak/bandwidth measurement (the full calibration, with the
+  matmul curve, dispatch and collectives, is `meshc.calibrate` / `meshc calibrate`).
 
 Everything here is arithmetic on numbers and metadata. It must never create, use or query process
 groups or run models, with one exception: `calibrate_cpu` times small kernels, and collectives
