@@ -48,7 +48,10 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     def _track(self, t: torch.Tensor) -> None:
-        key = t.untyped_storage().data_ptr()
+        try:
+            key = t.untyped_storage().data_ptr()
+        except RuntimeError:  # a storage FSDP resized to nothing: it holds no bytes
+            return
         if key not in self.refs:
             self.refs[key], self.size[key] = 0, t.untyped_storage().nbytes()
             self.now += self.size[key]
@@ -67,7 +70,10 @@ def tensors_bytes(ts) -> int:
     seen = {}
     for t in ts:
         if isinstance(t, torch.Tensor):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            try:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            except RuntimeError:  # a storage FSDP resized to nothing
+                continue
     return sum(seen.values())
 
 

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--batch", type=int, default=2, help="batch size of the example inputs (built-ins)")
         s.add_argument("--seq", type=int, default=16, help="sequence length of the example inputs (built-ins)")
         s.add_argument("--static", action="store_true", help="capture with static shapes (default: dynamic)")
+        s.add_argument("--zero", type=int, default=None, metavar="N",
+                       help="the training program: compile(training=True, zero=N)'s passes (ZeRO stage 0-3)")
 
     s = sub.add_parser("compile", help="compile a model and show what the passes did", epilog=EPILOG)
     model_args(s)
@@ -302,6 +304,10 @@ def _load(args):
     spec = MeshSpec.parse(args.mesh)
     pipeline = resolve(spec, args.pipeline, _plan_arg(args), getattr(args, "schedule", "1f1b"),
                        batch=args.batch).pipeline  # the one resolver, as meshc.compile
+    if getattr(args, "zero", None) is not None:  # as meshc.compile(training=True, zero=N)
+        from meshc.training import training_pipeline
+
+        pipeline = training_pipeline(pipeline, spec, args.zero)
     parse_pipeline(pipeline)  # fail on a typo before loading anything
     loaded = load_model(args.model, batch=args.batch, seq=args.seq)
     return loaded, spec, pipeline

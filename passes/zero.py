@@ -20,7 +20,13 @@ its loss with 1/tp, as in the pipeline). Each trainable placeholder records what
 `meta['meshc_zero']`; the runtime reads only that.
 
 Stage 3's all-gathers are issued right before the first reader; the option `prefetch=1` moves
-each one before the previous layer's (one layer ahead). Never touches a process group.
+each one before the previous layer's (one layer ahead). `recompute=true` (stage 3): what
+autograd saves of a gathered parameter for backward is not kept; backward gathers it again
+(`regather`; the runtime installs the saved-tensor hooks), so each full parameter lives only
+while it is used. The default saves it (no second all-gather). Stages 0/1 with `bucket_mb>0` (default
+25, as DDP) leave the dp all-reduce out of the node's backward and record `bucket_bytes`: the
+runtime all-reduces the step's gradients after backward in buckets of that size (one collective
+per bucket instead of one per parameter). Never touches a process group.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class _ZeroParam(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, full, stage, n, shape, group, sum_groups):
         ctx.stage, ctx.n, ctx.shape, ctx.group, ctx.sum_groups = stage, n, shape, group, sum_groups
+        ctx.numel = x.numel()
         if stage < 2:
             return x.view_as(x)
         if stage == 2:
@@ -76,20 +83,30 @@ class _ZeroParam(torch.autograd.Function):
         if ctx.n > 1:
             op = _grad_op(ctx.stage)
             if op == "reduce_scatter_tensor":
-                g = _run(op, _pad_flat(g, flat_shard(g.numel(), ctx.n)[0]), ctx.n, ctx.group)
+                g = _run(op, _pad_flat(g, flat_shard(g.numel(), ctx.n)[0]), ctx.n, ctx.group)[:ctx.numel]
             else:
                 g = _run(op, g, ctx.n, ctx.group)
         return g, None, None, None, None, None, None
 
 
 def zero_param(x, full, stage: int, n: int, shape: tuple, group: str, sum_groups: tuple):
-    """Graph op: parameter `x` (full or this rank's flat dp shard) as the full local tensor."""
-    return _ZeroParam.apply(x, full, stage, n, shape, group, sum_groups)
+    """Graph op: parameter `x` (full or this rank's flat dp shard) as the full local tensor. A
+    stage-3 result says how to gather it again (`regather`), for the recompute policy."""
+    out = _ZeroParam.apply(x, full, stage, n, shape, group, sum_groups)
+    if stage == 3:
+        out.meshc_regather = (regather, (x, n, group, shape))
+    return out
+
+
+def regather(x: torch.Tensor, n: int, group: str, shape: tuple) -> torch.Tensor:
+    """The full parameter again from its dp shard `x` (stage 3's forward, without autograd)."""
+    return _run(_dp_op(3), x.detach(), n, group)[:torch.Size(shape).numel()].view(shape)
 
 
 @register_pass("zero", preserves_semantics=True,
                description="ZeRO stage 0-3: trainable parameters' placements on dp and their gradients' reductions")
-def zero(program: Program, *, stage: int = 0, prefetch: int = 1) -> Program:
+def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: float = 25.0,
+         recompute: bool = False) -> Program:
     if program.split is not None:
         raise MeshError("zero: the pipeline runtime reduces gradients itself; ZeRO on a pp mesh is not "
                         "implemented yet (train with zero=0 there, or use a dp/tp mesh)")
@@ -117,9 +134,13 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1) -> Program:
         full = None
         if stage >= 2:
             key = id(t)
+            t = t.detach().contiguous() if stage == 2 else t
+            padded, size = flat_shard(t.numel(), n)
             if key not in shards:  # tied weights: one shard object, as they had one tensor
-                padded, size = flat_shard(t.numel(), n)
-                shards[key] = _pad_flat(t.detach(), padded)[coord * size:(coord + 1) * size].clone()
+                # stage 2: a view into the full copy (the optimizer's update lands in it; the last
+                # ranks' views may be shorter); stage 3: a padded copy (the full tensor is dropped)
+                shards[key] = t.view(-1)[coord * size:(coord + 1) * size] if stage == 2 else \
+                    _pad_flat(t.detach(), padded)[coord * size:(coord + 1) * size].clone()
             program.state[ph.name] = shards[key]
             if stage == 2:
                 with graph.inserting_after(last_ph):
@@ -128,15 +149,19 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1) -> Program:
                                  meshc_name=f"{ph.meta['meshc_name']}#full", meshc_placement=pls or None)
                 program.state[full.name] = t
                 last_ph = full
-            ph.meta["val"] = _fake_like(ph.meta["val"], (flat_shard(t.numel(), n)[1],))
+            ph.meta["val"] = _fake_like(ph.meta["val"], tuple(shards[key].shape))
         first = min(ph.users, key=order.__getitem__)
         with graph.inserting_before(first):
-            node = graph.call_function(zero_param, (ph, full, stage, n, shape, group, sum_groups))
+            # stages 0/1 with buckets: the dp all-reduce is left to one bucketed call after backward
+            dp_n = 1 if stage < 2 and bucket_mb > 0 else n
+            node = graph.call_function(zero_param, (ph, full, stage, dp_n, shape, group, sum_groups))
         node.meta.update({k: v for k, v in first.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.meta.update(val=_fake_like(ph.meta["val"], shape), meshc_pass="zero",
                          meshc_placement=tuple(Replicate() if i == dp_i else p for i, p in enumerate(pls)) or None)
         ph.replace_all_uses_with(node, delete_user_cb=lambda u, node=node: u is not node)
-        ph.meta["meshc_zero"] = {"stage": stage, "dp": n, "shape": shape, "full": full.name if full else None}
+        ph.meta["meshc_zero"] = {"stage": stage, "dp": n, "shape": shape, "full": full.name if full else None,
+                                 "recompute": bool(recompute and stage == 3),
+                                 "bucket_bytes": int(bucket_mb * 2**20) if stage < 2 and n > 1 else 0}
         made += 1
     if stage == 3 and prefetch:
         moved = prefetch_gathers(graph)
@@ -176,7 +201,8 @@ def prefetch_gathers(graph: fx.Graph) -> int:
 
 
 def _layer_of(node: fx.Node) -> str:
-    """The module path of the layer a node belongs to ('model.layers.3'), from nn_module_stack."""
+    """The module path of the layer a node belongs to ('model.layers.3'), from nn_module_stack:
+    the first numbered module on the path, else the innermost module."""
     stack = node.meta.get("nn_module_stack") or {}
     paths = [v[0] for v in stack.values()]
     for p in paths:
@@ -184,4 +210,4 @@ def _layer_of(node: fx.Node) -> str:
         for i, part in enumerate(parts):
             if part.isdigit():
                 return ".".join(parts[: i + 1])
-    return paths[0] if paths else ""
+    return paths[-1] if paths else ""

@@ -134,14 +134,15 @@ def load_sharded(compiled, optimizer, folder: str | Path) -> None:
             key = f"param/{s.fqn}"
             if key not in full:
                 raise MeshcError(f"{folder} has no tensor for parameter {s.fqn}; it was saved from another model")
-            s.shard.copy_(mine(full[key], s.fqn, owned=True))
+            s.shard.copy_(mine(full[key], s.fqn, owned=True)[:s.shard.numel()].view(s.shard.shape))
             if s.full is not None:
                 s.full.copy_(mine(full[key], s.fqn, owned=False).view(s.full.shape))
             if s.leaf is not s.shard and s.leaf is not s.full:
                 s.leaf.copy_(mine(full[key], s.fqn, owned=False).view(s.leaf.shape))
             if optimizer is None:
                 continue
-            state = {k.split("/")[1]: mine(v, s.fqn, owned=True).clone() for k, v in full.items()
+            state = {k.split("/")[1]: mine(v, s.fqn, owned=True)[:s.shard.numel()].clone().view(s.shard.shape)
+                     for k, v in full.items()
                      if k.startswith("state/") and k.split("/", 2)[2] == s.fqn}
             for k, v in index["optimizer_scalars"].get(s.fqn, {}).items():
                 state[k] = torch.tensor(v)

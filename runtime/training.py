@@ -28,6 +28,7 @@ Never rewrites a graph; every collective names a group the runtime bound (`MeshS
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,22 @@ def _c10d():
     import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
 
     return torch.ops._c10d_functional
+
+
+def _pack(t: torch.Tensor):
+    """Saved for backward: a gathered parameter (or a view of one) becomes how to gather it again."""
+    src = t if hasattr(t, "meshc_regather") else t._base if t._base is not None else None
+    if src is None or not hasattr(src, "meshc_regather"):
+        return t
+    fn, args = src.meshc_regather
+    return fn, args, t.size(), t.stride(), t.storage_offset() - src.storage_offset()
+
+
+def _unpack(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    fn, args, size, stride, offset = packed
+    return fn(*args).as_strided(size, stride, offset)
 
 
 class Trains:
@@ -109,6 +126,8 @@ class Trainer:
                              f"backward kernels. Compile with backend='aten' (or 'auto' on a CPU) to train.")
         self.compiled, self.program, mesh = compiled, program, program.mesh
         self.stage, self.dp = infos[0]["stage"], mesh.dp
+        self.bucket_bytes = infos[0].get("bucket_bytes", 0)
+        self.recompute = infos[0].get("recompute", False)
         self.dp_coord = mesh.coord(program.rank, DP)
         self.dp_group = mesh.group_name(DP) if self.dp > 1 else None
         self.slots: list[Slot] = []
@@ -128,10 +147,8 @@ class Trainer:
         replicas = math.prod(n for i, (p, n) in enumerate(zip(pls, mesh.sizes))
                              if isinstance(p, Replicate) and (i != dp_i or self.stage < 2))
         shard, full = leaf, None
-        if self.stage == 1:
-            padded, size = flat_shard(leaf.numel(), self.dp)
-            flat = torch.nn.functional.pad(leaf.detach().reshape(-1), (0, padded - leaf.numel()))
-            shard = torch.nn.Parameter(flat[self.dp_coord * size:(self.dp_coord + 1) * size].clone())
+        if self.stage == 1:  # a view into the parameter: the update lands in it, no second copy
+            shard = torch.nn.Parameter(self._flat_slice(leaf.detach()))
             full = leaf
         elif self.stage == 2:
             full = self.program.state[info["full"]]
@@ -141,14 +158,40 @@ class Trainer:
     def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         flat = self.program.bind_inputs(args, kwargs or {})
-        with torch.enable_grad():
+        hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if self.recompute else contextlib.nullcontext()
+        with torch.enable_grad(), hooks:
             out = self.program.unflatten_outputs(self.compiled._run_flat(flat))
             loss = loss_fn(out, target)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
                 raise MeshcError(f"loss_fn must return a scalar tensor that depends on the output; got "
                                  f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-            (loss / self.program.mesh.size).backward()
+            if not self.bucket_bytes:
+                (loss / self.program.mesh.size).backward()
+                return loss.detach()
+            leaves = [s.leaf for s in self.slots]
+            grads = torch.autograd.grad(loss / self.program.mesh.size, leaves, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        for bucket in self._buckets(grads):  # Partial -> R over dp, one all-reduce per bucket
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            c = _c10d()
+            flat = c.wait_tensor(c.all_reduce(flat, "sum", self.dp_group))
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view(g.shape))
+        for t, g in zip(leaves, grads):
+            t.grad = g if t.grad is None else t.grad + g
         return loss.detach()
+
+    def _buckets(self, grads: list) -> list[list[torch.Tensor]]:
+        """Consecutive gradients in groups of at most `bucket_bytes` (a larger one alone)."""
+        out, size = [[]], 0
+        for g in grads:
+            nbytes = g.numel() * g.element_size()
+            if out[-1] and size + nbytes > self.bucket_bytes:
+                out.append([])
+                size = 0
+            out[-1].append(g)
+            size += nbytes
+        return [b for b in out if b]
 
     # ---- optimizer ------------------------------------------------------------------------------
     def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
@@ -173,25 +216,26 @@ class Trainer:
             return
         for s in self.slots:  # zero=1: this rank's slice of the all-reduced gradient
             if s.leaf.grad is not None:
-                s.shard.grad = self._flat_slice(s.leaf.grad)
+                s.shard.grad = self._flat_slice(s.leaf.grad.contiguous()).clone()
                 s.leaf.grad = None
 
     def _flat_slice(self, t: torch.Tensor) -> torch.Tensor:
-        padded, size = flat_shard(t.numel(), self.dp)
-        flat = torch.nn.functional.pad(t.reshape(-1), (0, padded - t.numel()))
-        return flat[self.dp_coord * size:(self.dp_coord + 1) * size].clone()
+        """This rank's block of flat `t` (a view; the last ranks' may be shorter: no padding held)."""
+        size = flat_shard(t.numel(), self.dp)[1]
+        return t.view(-1)[self.dp_coord * size:(self.dp_coord + 1) * size]
 
     @torch.no_grad()
     def _after_step(self) -> None:
         """zero=1/2: all-gather every updated shard (one bucket) into the full parameters."""
         if self.stage not in (1, 2):
             return
-        bucket = torch.cat([s.shard.detach().reshape(-1) for s in self.slots])
+        sizes = [flat_shard(s.full.numel(), self.dp)[1] for s in self.slots]
+        bucket = torch.cat([torch.nn.functional.pad(s.shard.detach().reshape(-1), (0, size - s.shard.numel()))
+                            for s, size in zip(self.slots, sizes)])
         c = _c10d()
         gathered = c.wait_tensor(c.all_gather_into_tensor(bucket, self.dp, self.dp_group)).view(self.dp, -1)
         offset = 0
-        for s in self.slots:
-            size = s.shard.numel()
+        for s, size in zip(self.slots, sizes):
             whole = gathered[:, offset:offset + size].reshape(-1)[:s.full.numel()]
             s.full.copy_(whole.view(s.full.shape))
             offset += size

@@ -168,7 +168,7 @@ def test_more_meshes_every_zero_stage_equals_plain_training(mesh):
 
 # ---- the public path, schedulers, errors (the MLP: seconds) -------------------------------------------
 
-def _mlp_public_rank(device_mesh, zero: int, die: bool = False):
+def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = "default"):
     """meshc.compile(training=True, zero=N) + an LR scheduler, 6 steps; rank 1 may die mid-run."""
     import os
 
@@ -178,7 +178,7 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False):
     torch.set_num_threads(1)
     loaded = load_model("mlp", batch=4, seq=8)
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs, training=True,
-                             zero=zero)
+                             zero=zero, pipeline=pipeline)
     opt = compiled.make_optimizer(torch.optim.AdamW, lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     losses, lrs = [], []
@@ -213,11 +213,12 @@ def _mlp_reference():
 
 
 @pytest.mark.timeout(200)
-def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training():
+@pytest.mark.parametrize("pipeline", ["default", "dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint"])
+def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training(pipeline):
     from meshc.runtime import launch
 
     ref = _mlp_reference()
-    for losses, lrs, report in launch(_mlp_public_rank, "dp=2", 3, timeout=150):
+    for losses, lrs, report in launch(_mlp_public_rank, "dp=2", 3, False, pipeline, timeout=150):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
         assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
         assert "zero: stage 3 on dp=2: 6 parameters" in report
