@@ -176,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="def ", help="the prompt: text for reference-lm (bytes), else token ids "
                    "'1,2,3' (default: 'def ')")
     s.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    s.add_argument("--mesh", default=None, help="generate on a local CPU mesh, one process per device: tp=2, "
+                   "dp=2,tp=2, pp=2 (default: this device)")
     s.add_argument("--max-cache-len", type=int, default=None, help="cache length (default: prompt + --max-new-tokens)")
     s.add_argument("--do-sample", action="store_true", help="sample (temperature/top-k/top-p) instead of greedy")
     s.add_argument("--temperature", type=float, default=1.0)
@@ -241,9 +243,30 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    """Compile with a KV cache on this device, generate, print the continuation and the speed."""
+    """Compile with a KV cache (on this device, or on a local --mesh), generate, print the
+    continuation and the speed."""
+    if args.mesh:
+        import meshc
+
+        options = {k: v for k, v in vars(args).items() if k != "func"}
+        lines = meshc.launch(_generate_lines, args.mesh, options)[0]  # every rank emits the same tokens
+    else:
+        lines = _generate_lines(None, {k: v for k, v in vars(args).items() if k != "func"})
+    for text, to_stderr in lines:
+        print(text, file=sys.stderr if to_stderr else sys.stdout)
+    return 0
+
+
+def _generate_lines(device_mesh, options: dict) -> list[tuple[str, bool]]:
+    """What `meshc generate` prints, as (line, to stderr) pairs; runs on every rank of a mesh."""
+    import argparse
+
     import meshc
     from meshc.models import load_model
+
+    args, lines = argparse.Namespace(**options), []
+    if device_mesh is not None:
+        torch.set_num_threads(1)  # ranks share this machine's cores
 
     byte_level = args.model == "reference-lm"
     if byte_level:
@@ -266,22 +289,24 @@ def cmd_generate(args) -> int:
         pipeline, options = heads_pipeline(trained_heads_file(args.model)), {"speculative": args.speculative,
                                                                              "tree": args.tree}
         cache += args.tree or 64  # a verification step writes the whole tree past the last token
-    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=cache, generate=True,
+    compiled = meshc.compile(loaded.model, device_mesh, example_inputs=(ids,), max_cache_len=cache, generate=True,
                              pipeline=pipeline)
-    print(f"compiled {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    where = f" on mesh '{compiled.program.mesh}'" if device_mesh is not None else ""
+    lines.append((f"compiled {args.model}{where} in {time.perf_counter() - t0:.1f} s", True))
     torch.manual_seed(args.seed)
     out = compiled.generate(ids, max_new_tokens=args.max_new_tokens, **options)
     new = out[0, ids.shape[1]:].tolist()
-    print(args.prompt + decode(new) if byte_level else " ".join(map(str, new)))
+    lines.append((args.prompt + decode(new) if byte_level else " ".join(map(str, new)), False))
     if args.speculative:
         st = compiled.decoder.speculative_stats
-        print(f"accepted tokens per step: {st.accepted_per_step:.2f}")
-        print(f"{st.steps} verification calls of a {st.tree_size}-node tree; decode {st.tokens_per_s:.1f} tokens/s")
-        return 0
+        lines.append((f"accepted tokens per step: {st.accepted_per_step:.2f}", False))
+        lines.append((f"{st.steps} verification calls of a {st.tree_size}-node tree; decode "
+                      f"{st.tokens_per_s:.1f} tokens/s", False))
+        return lines
     st = compiled.decoder.stats
-    print(f"time to first token {st.time_to_first_token_s * 1e3:.1f} ms; {st.new_tokens} new tokens; decode "
-          f"{st.tokens_per_s:.1f} tokens/s", file=sys.stderr)
-    return 0
+    lines.append((f"time to first token {st.time_to_first_token_s * 1e3:.1f} ms; {st.new_tokens} new tokens; "
+                  f"decode {st.tokens_per_s:.1f} tokens/s", True))
+    return lines
 
 
 def cmd_passes(args) -> int:

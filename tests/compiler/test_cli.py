@@ -63,6 +63,7 @@ def test_run_on_a_pipeline_mesh_picks_micro_batches_that_divide_the_batch(capsys
     out = capsys.readouterr().out
     assert "pipeline_partition(virtual=1,schedule=1f1b,microbatches=2)" in out  # batch 2: 2, not 2 x stages
     assert out.count("max abs error 0.00e+00 (ok)") == 2  # forward-only pipeline output is exact
+    assert "predicted by the cost model (cpu-gloo): stages " in out  # next to the measured forward
 
 
 @pytest.mark.timeout(300)
@@ -90,3 +91,17 @@ def test_generate_prints_the_continuation_and_the_speed(capsys):
     out = capsys.readouterr()
     assert out.out.startswith("def ") and len(out.out.rstrip("\n")) > len("def ")
     assert "time to first token" in out.err and "tokens/s" in out.err
+
+
+@pytest.mark.slow  # a tp=2 compile of three graphs on two processes
+@pytest.mark.timeout(600)
+def test_generate_on_a_mesh_prints_what_one_device_prints(capsys):
+    from meshc.cli import main
+
+    args = ["generate", "llama-tiny", "--prompt", "5,6,7,8", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    alone = capsys.readouterr()
+    assert main([*args, "--mesh", "tp=2"]) == 0
+    meshed = capsys.readouterr()
+    assert meshed.out == alone.out and len(meshed.out.split()) == 6
+    assert "on mesh 'tp=2'" in meshed.err and "tokens/s" in meshed.err

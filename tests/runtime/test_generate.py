@@ -199,7 +199,7 @@ def _generate_on_rank(device_mesh, name: str, sample: bool):
 @pytest.mark.timeout(300)
 def test_tensor_parallel_generate_equals_hf_and_every_rank_emits_the_same_tokens():
     """tp=2: the prefill and decode Programs go through auto_shard + spmd_partition (the cache is
-    replicated for now); greedy equals HF generate, and sampled tokens agree across ranks."""
+    sharded with the heads); greedy equals HF generate, and sampled tokens agree across ranks."""
     per_rank = meshc.launch(_generate_on_rank, "tp=2", "llama-tiny", True, timeout=240)
     for greedy, ref, _, collectives in per_rank:
         assert greedy == ref
@@ -207,12 +207,11 @@ def test_tensor_parallel_generate_equals_hf_and_every_rank_emits_the_same_tokens
     assert per_rank[0][2] == per_rank[1][2]
 
 
-def test_generation_on_a_dp_or_pp_mesh_is_a_clear_error():
+def test_generation_on_a_dp_x_pp_mesh_is_a_clear_error():
     loaded = load_model("mlp")
-    for mesh in ("dp=2", "pp=2"):
-        with pytest.raises(MeshcError, match=f"generation on mesh '{mesh}' is not implemented yet"):
-            meshc.driver._decoder(loaded.model, _FakeForward(meshc.MeshSpec.parse(mesh)), None, None, "aten", 2,
-                                  None, None)
+    with pytest.raises(MeshcError, match="generation on mesh 'dp=2,pp=2' is not implemented yet"):
+        meshc.driver._decoder(loaded.model, _FakeForward(meshc.MeshSpec.parse("dp=2,pp=2")), None, None, "aten", 2,
+                              None, None)
 
 
 class _FakeForward:
@@ -228,3 +227,23 @@ def test_a_model_that_cannot_decode_on_a_static_cache_is_a_clear_error():
     with pytest.warns(UserWarning), pytest.raises(CaptureError, match="cannot capture the prefill step of "
                                                                       "BloomForCausalLM for generation"):
         meshc.compile(loaded.model, None, example_inputs=loaded.example_inputs, max_cache_len=32)
+
+
+def test_ladder_residual_applies_to_the_decode_graph():
+    """A pipeline with ladder_residual rewires the prefill and decode Programs as it rewires the
+    forward: decoding with the cache equals re-running the ladder forward on the growing sequence,
+    and differs from the unconverted model."""
+    loaded = load_model("llama-tiny", batch=2, seq=8)
+    ids = loaded.example_inputs[0]
+    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=32,
+                             pipeline="dce,ladder_residual,propagate_shapes,lint")
+    for p in (compiled.decoder.programs.prefill, compiled.decoder.programs.decode):
+        assert any(n.startswith("ladder_residual: 4 layers / 8 sub-layers") for n in p.notes), p.notes
+    out = compiled.generate(ids, max_new_tokens=6, eos_token_id=[])
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, compiled(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        plain = loaded.model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(out, seq)
+    assert not torch.equal(out, plain)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import meshc
 import pytest
 import torch
+from meshc.errors import InputError
 from meshc.models import load_model
 
 PROMPTS, NEW, CACHE = 20, 64, 80
@@ -69,6 +70,9 @@ def generate_on(device_mesh, name: str) -> tuple[list, int, list, int, int]:
                              max_batch_size=PROMPTS)
     out = compiled.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=[])
     near = compare(model, ids, mask, out)
+    if compiled.program.mesh.dp > 1:
+        with pytest.raises(InputError, match="does not divide over the mesh's data-parallel size"):
+            compiled.generate(ids[:1], max_new_tokens=2)
     decoder = compiled.decoder
     held = [tuple(c.shape) for c in decoder.cache if c.stride(0)]  # another stage's layers: zero-stride stand-ins
     return out.tolist(), near, held, decoder.layout.kv_shapes[0][0][0], len(decoder.cache)
@@ -100,3 +104,30 @@ def test_greedy_matches_hf_on_every_mesh(name, mesh):
         if spec.pp > 1:
             assert 0 < len(held) < n_cache, held  # each stage's rank holds only its layers' cache
     print(f"{name} {mesh}: {per_rank[0][1]} of {PROMPTS} rows compared only up to a near-tie")
+
+
+def _die_mid_generation(device_mesh):
+    import os
+
+    torch.set_num_threads(1)
+    loaded = load_model("llama-tiny", batch=2, seq=8)
+    compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs, max_cache_len=32)
+    decode, steps = compiled.decoder._decode, [0]
+
+    def dying(flat):
+        steps[0] += 1
+        if steps[0] == 3 and device_mesh.get_rank() == 1:
+            os._exit(3)  # a crash mid-generation: the other rank waits in a collective
+        return decode(flat)
+
+    compiled.decoder._decode = dying
+    compiled.generate(loaded.example_inputs[0], max_new_tokens=8)
+
+
+@pytest.mark.slow  # one tp=2 compile (~1 min)
+@pytest.mark.timeout(600)
+def test_a_rank_dying_mid_generation_ends_every_rank():
+    from meshc.runtime.launch import LaunchError
+
+    with pytest.raises(LaunchError, match="rank 1 died with exit code 3"):
+        meshc.launch(_die_mid_generation, "tp=2", timeout=120)
