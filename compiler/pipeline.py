@@ -121,8 +121,9 @@ def _unquote(value: str) -> str:
 
 
 def _quote(value: Any) -> str:
-    """An option value as the pipeline string spells it (quoted when it holds a comma)."""
-    return f"'{value}'" if isinstance(value, str) and "," in value else str(value)
+    """An option value as the pipeline string spells it: in double quotes when it holds a comma, so a
+    replay command can wrap the whole pipeline in single quotes."""
+    return f'"{value}"' if isinstance(value, str) and "," in value else str(value)
 
 
 def _convert(pass_name: str, key: str, value: str, annotation: Any) -> Any:

@@ -21,7 +21,7 @@ import torch
 from meshc.errors import MeshcError
 from meshc.passes.attention_removal import stamp_layers
 from meshc.passes.dce import dce
-from meshc.passes.graph_params import erase_unused
+from meshc.passes.graph_params import erase_unused, refresh_values
 from meshc.passes.layer_select import select_runs
 from meshc.passes.residual_stream import find_residual_stream
 from meshc.pipeline import register_pass
@@ -76,8 +76,6 @@ def parallel_blocks(program: Program, *, runs: str = "") -> Program:
         done.append(run)
     dead = {stream.adds[grouped[layer][-1] - 1] for run in done for layer in run}
     erase_unused(program, dead)
-    from meshc.passes.graph_params import refresh_values
-
     refresh_values(program)
     program.gm.recompile()
     program.notes.append(f"parallel_blocks: layers {done} now read their run's input and add sum_i f_i(x)")

@@ -118,7 +118,7 @@ def test_layer_lists_and_quoted_pipeline_options():
             select_runs(bad, 8)
     (call,) = parse_pipeline("ffn_fusion(runs='1-2,4-6',threshold=0.2)")
     assert call.options == {"runs": "1-2,4-6", "threshold": 0.2}
-    assert str(call) == "ffn_fusion(runs='1-2,4-6',threshold=0.2)"  # replayable
+    assert str(call) == 'ffn_fusion(runs="1-2,4-6",threshold=0.2)'  # replayable inside '...' in a shell
     assert parse_pipeline(str(call))[0].options == call.options
     with pytest.raises(PipelineError, match="unmatched quote"):
         parse_pipeline("attention_removal(layers='3,5)")
