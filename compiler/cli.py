@@ -268,6 +268,10 @@ def _generate_lines(device_mesh, options: dict) -> list[tuple[str, bool]]:
     if device_mesh is not None:
         torch.set_num_threads(1)  # ranks share this machine's cores
 
+    if args.speculative:  # before loading anything: only a model with trained heads can speculate
+        from meshc.passes.speculative_heads import heads_pipeline, trained_heads_file
+
+        heads = trained_heads_file(args.model)
     byte_level = args.model == "reference-lm"
     if byte_level:
         from meshc.reference_lm import decode, encode
@@ -284,10 +288,7 @@ def _generate_lines(device_mesh, options: dict) -> list[tuple[str, bool]]:
     pipeline, options = "default", {"do_sample": args.do_sample, "temperature": args.temperature,
                                     "top_k": args.top_k, "top_p": args.top_p}
     if args.speculative:  # Medusa: the heads' pass in the pipeline; greedy tree verification
-        from meshc.passes.speculative_heads import heads_pipeline, trained_heads_file
-
-        pipeline, options = heads_pipeline(trained_heads_file(args.model)), {"speculative": args.speculative,
-                                                                             "tree": args.tree}
+        pipeline, options = heads_pipeline(heads), {"speculative": args.speculative, "tree": args.tree}
         cache += args.tree or 64  # a verification step writes the whole tree past the last token
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=(ids,), max_cache_len=cache, generate=True,
                              pipeline=pipeline)

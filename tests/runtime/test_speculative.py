@@ -163,3 +163,25 @@ def test_lossless_20_heldout_prompts_tp2():
     per_rank = meshc.launch(_tp_rank, "tp=2", 20, timeout=2900)
     assert per_rank[0] == per_rank[1]
     print(f"tp=2: {per_rank[0]}")
+
+
+def test_cli_speculation_without_trained_heads_is_a_clear_error(capsys):
+    from meshc.cli import main
+
+    assert main(["generate", "llama-tiny", "--speculative", "medusa", "--max-new-tokens", "4"]) == 2
+    assert "llama-tiny has no trained Medusa heads" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two compiles of reference-lm
+@pytest.mark.timeout(900)
+def test_cli_speculative_prints_the_same_text(capsys):
+    from meshc.cli import main
+
+    args = ["generate", "reference-lm", "--prompt", "def ", "--max-new-tokens", "128"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative", "medusa"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "\n".join(lines[:-2]) + "\n" == plain
+    assert lines[-2].startswith("accepted tokens per step: ") and float(lines[-2].split()[-1]) > 1.0
+    assert "tokens/s" in lines[-1]
