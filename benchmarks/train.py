@@ -2,7 +2,7 @@
 (PyTorch's ZeRO-1) and FSDP2 `fully_shard`, on the same model, batch and mesh; step time and memory.
 
     .venv/bin/python benchmarks/train.py                  # llama-tiny, dp=2, batch 8 x 32 tokens
-    .venv/bin/python benchmarks/train.py --quick          # fewer steps (a smoke run)
+    .venv/bin/python benchmarks/train.py --quick          # fewer steps, no dp=4 (a smoke run)
 
 One step = forward + backward + AdamW step + zero_grad, torch.set_num_threads(1) per rank; the
 median of the timed steps (after warm-up) with min and max, each rank's time the max over ranks.
@@ -11,7 +11,8 @@ gradients at the step's end (model state, against the ZeRO formula for fp32 Adam
 stage 0; stage 1 divides the 8, stage 2 also the gradients' 4, stage 3 all; Psi = parameter count),
 and `peak_bytes` = what is held at the step's start + the peak of what the step allocates, from a
 dispatch hook that counts every storage an op creates while a tensor still refers to it (transient
-all-gathers included). Writes benchmarks/results_train_cpu.json.
+all-gathers included). meshc's stages also on dp=4, memory only (one step; 4 ranks on 2 cores).
+Writes benchmarks/results_train_cpu.json.
 """
 
 from __future__ import annotations
@@ -198,21 +199,25 @@ def main(quick: bool = False) -> dict:
     runs = ["ddp", "ddp+zero1", "fsdp2", "meshc zero=0", "meshc zero=1", "meshc zero=2", "meshc zero=3"]
     res = meshc.launch(_rank, MESH, runs, warmup, steps, timeout=900)[0]
     psi = sum(p.numel() for p in load_model("llama-tiny").model.parameters())
-    n = 2
-    formula = {0: 16 * psi, 1: (8 + 8 / n) * psi, 2: (4 + 12 / n) * psi, 3: 16 * psi / n}
-    for z in range(4):
-        r = res[f"meshc zero={z}"]
-        if "error" not in r:
-            r["state_bytes"] = r["held_bytes"] + r["grad_bytes"]
-            r["formula_bytes"] = formula[z]
-            r["state_over_formula"] = round(r["state_bytes"] / formula[z], 3)
+    memory4 = {} if quick else meshc.launch(_rank, "dp=4", runs[3:], 0, 1, timeout=900)[0]  # memory only
+    for results, n in ((res, 2), (memory4, 4)):
+        formula = {0: 16 * psi, 1: (8 + 8 / n) * psi, 2: (4 + 12 / n) * psi, 3: 16 * psi / n}
+        for z in range(4):
+            r = results.get(f"meshc zero={z}", {})
+            if "held_bytes" in r:
+                r["state_bytes"] = r["held_bytes"] + r["grad_bytes"]
+                r["formula_bytes"] = formula[z]
+                r["state_over_formula"] = round(r["state_bytes"] / formula[z], 3)
+    for r in memory4.values():
+        for k in ("median_s", "min_s", "max_s"):
+            r.pop(k, None)  # dp=4 on 2 cores: memory only
     ratios = {}
     for ours, theirs in (("meshc zero=0", "ddp"), ("meshc zero=1", "ddp+zero1"), ("meshc zero=3", "fsdp2")):
         if "median_s" in res[ours] and "median_s" in res.get(theirs, {}):
             ratios[f"{ours} / {theirs}"] = round(res[ours]["median_s"] / res[theirs]["median_s"], 3)
     result = {"benchmark": "train", "model": "llama-tiny", "params": psi, "mesh": MESH, "batch": BATCH,
               "seq": SEQ, "optimizer": "AdamW fp32", "warmup_steps": warmup, "timed_steps": steps,
-              "runs": res, "step_time_ratios": ratios, "torch": torch.__version__,
+              "runs": res, "dp4_memory_only": memory4, "step_time_ratios": ratios, "torch": torch.__version__,
               "machine": f"{platform.machine()}, CPU, gloo; torch.set_num_threads(1) per rank; shared with "
                          f"other engineers' jobs (contention), so times are noisy: see min/max",
               "command": "python benchmarks/train.py" + (" --quick" if quick else "")}

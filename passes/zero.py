@@ -94,13 +94,95 @@ def zero_param(x, full, stage: int, n: int, shape: tuple, group: str, sum_groups
     stage-3 result says how to gather it again (`regather`), for the recompute policy."""
     out = _ZeroParam.apply(x, full, stage, n, shape, group, sum_groups)
     if stage == 3:
-        out.meshc_regather = (regather, (x, n, group, shape))
+        _tag(out, x, n, group)
     return out
 
 
-def regather(x: torch.Tensor, n: int, group: str, shape: tuple) -> torch.Tensor:
-    """The full parameter again from its dp shard `x` (stage 3's forward, without autograd)."""
-    return _run(_dp_op(3), x.detach(), n, group)[:torch.Size(shape).numel()].view(shape)
+def _tag(out: torch.Tensor, x: torch.Tensor, n: int, group: str) -> None:
+    """Mark the tensor `out` views (the gathered flat block) with how to gather it again."""
+    root = out._base if out._base is not None else out
+    root.meshc_regather = (regather, (x, n, group))
+
+
+def regather(x: torch.Tensor, n: int, group: str) -> torch.Tensor:
+    """The gathered flat block (dp x shard, padded) again from the dp shard `x`, without autograd."""
+    size = flat_shard(x.numel() * n, n)[1]
+    return _run(_dp_op(3), _pad_flat(x.detach(), size), n, group)
+
+
+class _ZeroLayer(torch.autograd.Function):
+    """Stages 2/3, one layer's parameters in one bucket: forward one all-gather (stage 3) or the
+    held full copies (stage 2); backward one reduce-scatter. The bucket is laid out (dp, sum of
+    shard sizes), so rank d's row is its shard of every parameter."""
+
+    @staticmethod
+    def forward(ctx, stage, n, shapes, group, sum_groups, fulls, *xs):
+        sizes = [flat_shard(torch.Size(sh).numel(), n)[1] for sh in shapes]
+        ctx.stage, ctx.n, ctx.shapes, ctx.group, ctx.sum_groups = stage, n, shapes, group, sum_groups
+        ctx.sizes, ctx.numels = sizes, [x.numel() for x in xs]
+        if stage == 2:
+            return tuple(f.view(sh) for f, sh in zip(fulls, shapes))
+        bucket = torch.cat([_pad_flat(x, size) for x, size in zip(xs, sizes)])
+        rows = _run(_dp_op(3), bucket, n, group).view(n, -1)
+        outs, off = [], 0
+        for size, sh in zip(sizes, shapes):
+            outs.append(rows[:, off:off + size].reshape(-1)[:torch.Size(sh).numel()].view(sh))
+            off += size
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        parts = []
+        for g, sh, size, groups in zip(gs, ctx.shapes, ctx.sizes, ctx.sum_groups):
+            g = torch.zeros(sh) if g is None else g
+            for name in groups:
+                g = _run("all_reduce", g, 1, name)
+            parts.append(_pad_flat(g, ctx.n * size).view(ctx.n, size))
+        mine = _run(_grad_op(ctx.stage), torch.cat(parts, dim=1).reshape(-1), ctx.n, ctx.group)
+        grads = [p[:k] for p, k in zip(mine.split(ctx.sizes), ctx.numels)]
+        return (None,) * 6 + tuple(grads)
+
+
+def zero_layer(xs: tuple, fulls: tuple, stage: int, n: int, shapes: tuple, group: str, sum_groups: tuple):
+    """Graph op: one layer's parameters (flat dp shards) as full local tensors, in one bucket."""
+    outs = _ZeroLayer.apply(stage, n, shapes, group, sum_groups, fulls, *xs)
+    if stage == 3:
+        for out, x in zip(outs, xs):
+            _tag(out, x, n, group)
+    return outs
+
+
+def bucket_layers(graph: fx.Graph, max_bytes: int) -> int:
+    """Replace each layer's stage-2/3 `zero_param` nodes (same `_layer_of`, up to `max_bytes` of
+    full parameters) by one `zero_layer` node and a getitem per parameter. Returns the buckets made."""
+    import operator
+
+    groups: dict[str, list[list[fx.Node]]] = {}
+    for node in [n for n in graph.nodes if n.target is zero_param and n.args[2] >= 2]:
+        runs = groups.setdefault(_layer_of(node), [[]])
+        nbytes = sum(torch.Size(m.args[4]).numel() * 4 for m in runs[-1])
+        if runs[-1] and nbytes + torch.Size(node.args[4]).numel() * 4 > max_bytes:
+            runs.append([])
+        runs[-1].append(node)
+    made = 0
+    for runs in groups.values():
+        for members in runs:
+            if len(members) < 2:
+                continue
+            _, _, stage, n, _, group, _ = members[0].args
+            args = (tuple(m.args[0] for m in members), tuple(m.args[1] for m in members), stage, n,
+                    tuple(m.args[4] for m in members), group, tuple(m.args[6] for m in members))
+            with graph.inserting_before(members[0]):
+                layer = graph.call_function(zero_layer, args)
+                layer.meta.update({k: v for k, v in members[0].meta.items() if k != "val"})
+                layer.meta["val"] = tuple(m.meta["val"] for m in members)
+                for i, m in enumerate(members):
+                    item = graph.call_function(operator.getitem, (layer, i))
+                    item.meta.update(m.meta)
+                    m.replace_all_uses_with(item)
+                    graph.erase_node(m)
+            made += 1
+    return made
 
 
 @register_pass("zero", preserves_semantics=True,
@@ -163,6 +245,9 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: floa
                                  "recompute": bool(recompute and stage == 3),
                                  "bucket_bytes": int(bucket_mb * 2**20) if stage < 2 and n > 1 else 0}
         made += 1
+    if stage >= 2 and bucket_mb > 0 and n > 1:
+        buckets = bucket_layers(graph, int(bucket_mb * 2**20))
+        program.notes.append(f"zero: parameters bucketed per layer into {buckets} collectives each way")
     if stage == 3 and prefetch:
         moved = prefetch_gathers(graph)
         program.notes.append(f"zero: {moved} parameter all-gathers prefetched one layer ahead")
@@ -183,7 +268,7 @@ def prefetch_gathers(graph: fx.Graph) -> int:
     """Move each stage-3 `zero_param` (an all-gather) before the first reader of the previous
     distinct group of gathers, so the next layer's parameters are gathered one layer ahead. Only
     moves a gather above nodes it does not depend on (its input is a placeholder)."""
-    gathers = [n for n in graph.nodes if n.target is zero_param and n.args[2] == 3]
+    gathers = [n for n in graph.nodes if n.target in (zero_param, zero_layer) and n.args[2] == 3]
     # group gathers that sit together (one layer's parameters are read close to each other)
     layers: list[list[fx.Node]] = []
     for g in gathers:
@@ -196,6 +281,9 @@ def prefetch_gathers(graph: fx.Graph) -> int:
     for prev, cur in reversed(list(zip(layers, layers[1:]))):  # last first: each anchor is still in place
         for g in cur:
             prev[0].prepend(g)
+            if g.target is zero_layer:  # its getitems stay right after it
+                for item in [u for u in g.users]:
+                    prev[0].prepend(item)
             moved += 1
     return moved
 

@@ -50,8 +50,8 @@ def _c10d():
 
 def _pack(t: torch.Tensor):
     """Saved for backward: a gathered parameter (or a view of one) becomes how to gather it again."""
-    src = t if hasattr(t, "meshc_regather") else t._base if t._base is not None else None
-    if src is None or not hasattr(src, "meshc_regather"):
+    src = t._base if t._base is not None else t
+    if not hasattr(src, "meshc_regather"):
         return t
     fn, args = src.meshc_regather
     return fn, args, t.size(), t.stride(), t.storage_offset() - src.storage_offset()

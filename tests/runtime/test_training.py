@@ -173,9 +173,13 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
     import os
 
     import meshc
+    import meshc.passes.zero as zero_pass
     from meshc.models import load_model
 
     torch.set_num_threads(1)
+    regathers = []
+    plain = zero_pass.regather
+    zero_pass.regather = lambda *a: regathers.append(1) or plain(*a)  # count backward's re-gathers
     loaded = load_model("mlp", batch=4, seq=8)
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs, training=True,
                              zero=zero, pipeline=pipeline)
@@ -191,7 +195,7 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
         opt.zero_grad()
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
-    return losses, lrs, compiled.report
+    return losses, lrs, compiled.report, len(regathers)
 
 
 def _mlp_reference():
@@ -218,10 +222,14 @@ def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_trainin
     from meshc.runtime import launch
 
     ref = _mlp_reference()
-    for losses, lrs, report in launch(_mlp_public_rank, "dp=2", 3, False, pipeline, timeout=150):
+    for losses, lrs, report, regathers in launch(_mlp_public_rank, "dp=2", 3, False, pipeline, timeout=150):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
         assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
         assert "zero: stage 3 on dp=2: 6 parameters" in report
+        assert "zero: parameters bucketed per layer into 3 collectives each way" in report
+        # recompute: the weights backward saves are gathered again each step: mid's and down's (up's
+        # input needs no gradient, so autograd saves no weight there; biases are never saved)
+        assert regathers == (0 if pipeline == "default" else 2 * 6), regathers
 
 
 @pytest.mark.timeout(120)
