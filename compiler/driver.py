@@ -96,7 +96,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
         compiled = CompiledModel(program, backend)
     if generate or (generate is None and (max_cache_len or max_batch_size)):
         compiled.decoder = _decoder(model, program, device_mesh, manager, backend, batch, max_cache_len,
-                                    max_batch_size)
+                                    max_batch_size, plan or "replicate")
     t3 = time.perf_counter()
     report = "\n".join([timings.table(), "", *program.notes,
                         f"capture {(t1 - t0) * 1e3:.0f} ms ({captured_nodes} nodes) -> passes "
@@ -123,9 +123,10 @@ def _forward_without_cache(model: torch.nn.Module, example_kwargs: dict | None) 
     return kwargs or example_kwargs
 
 
-def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len, max_batch_size):
+def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len, max_batch_size,
+             plan: Any = "auto"):
     """Capture the prefill and decode Programs, run the pipeline on both (as rank `forward.rank`
-    with the forward's plan spec), bind them to the mesh, lower them (runtime). The cache is placed
+    with the plan spec the forward was compiled with), bind them to the mesh, lower them (runtime). The cache is placed
     by `meshc.plan.held_placements`: heads over tp, batch over dp. On a pp mesh both Programs are
     partitioned for the forward-only schedule with one micro-batch and run by the pipeline
     runtime; each stage's rank holds its layers' cache."""
@@ -143,11 +144,11 @@ def _decoder(model, forward, device_mesh, manager, backend, batch, max_cache_len
     programs = capture_decode(model, max_batch_size or batch or 1, max_cache_len)
     runners = {}
     if spec.pp > 1:
-        resolved = resolve(spec, "default", forward.plan if isinstance(forward.plan, str) else "auto", "forward", 1)
+        resolved = resolve(spec, "default", plan, "forward", 1)
         manager = PassManager(resolved.pipeline, instruments=manager.instruments)
     for name in ("prefill", "decode"):
         p = getattr(programs, name)
-        p.mesh, p.rank, p.plan = spec, forward.rank, (forward.plan if isinstance(forward.plan, str) else "auto")
+        p.mesh, p.rank, p.plan = spec, forward.rank, plan
         p = manager.run(p)
         if spec.pp > 1:
             from meshc.runtime.pipeline import pipeline_model

@@ -247,3 +247,23 @@ def test_ladder_residual_applies_to_the_decode_graph():
         plain = loaded.model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)
     assert torch.equal(out, seq)
     assert not torch.equal(out, plain)
+
+
+@pytest.mark.slow  # the Triton interpreter runs every kernel in Python (~1 min quiet)
+@pytest.mark.timeout(900)
+def test_triton_backend_decodes_with_its_attention_kernel_over_the_cache():
+    """backend='triton': greedy equals HF for 2 prompts x 8 tokens, and the decode Program's
+    attention over the cache (a 4-D additive mask, T=1 query) is a generated attention kernel."""
+    pytest.importorskip("triton")
+    from meshc.backends import lower
+
+    loaded = load_model("llama-tiny", batch=2, seq=8)
+    ids = loaded.example_inputs[0]
+    compiled = meshc.compile(loaded.model, None, example_inputs=(ids,), max_cache_len=24, backend="triton")
+    assert compiled.decoder.backend == "triton"
+    out = compiled.generate(ids, max_new_tokens=8, eos_token_id=[])
+    with torch.no_grad():
+        ref = loaded.model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert torch.equal(out, ref)
+    lowered, _ = lower(compiled.decoder.programs.decode, "triton")
+    assert sum(k.kind == "attention" for k in lowered.kernels) == 4  # one per layer
