@@ -15,10 +15,14 @@ def loss_fn(out, target):
     return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), target.flatten())
 
 
-def batches(step: int):
+VOCAB = {"reference-lm": 256}  # token ids below the model's vocabulary (default 512)
+STEPS_OF = {"reference-lm": 5}  # the 6.5M-parameter byte LM: 5 steps
+
+
+def batches(step: int, vocab: int = 512):
     """The step's micro-batches: odd steps accumulate two halves (gradient accumulation)."""
     g = torch.Generator().manual_seed(100 + step)
-    ids, target = torch.randint(0, 512, (BATCH, SEQ), generator=g), torch.randint(0, 512, (BATCH, SEQ), generator=g)
+    ids, target = torch.randint(0, vocab, (BATCH, SEQ), generator=g), torch.randint(0, vocab, (BATCH, SEQ), generator=g)
     if step % 2 == 0:
         return [(ids, target)]
     h = BATCH // 2
@@ -33,8 +37,8 @@ def reference(model_name: str, halves: bool = False) -> tuple[list[float], dict[
     model = load_model(model_name, batch=BATCH, seq=SEQ).model
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
-    for step in range(STEPS):
-        mbs = batches(step)
+    for step in range(STEPS_OF.get(model_name, STEPS)):
+        mbs = batches(step, VOCAB.get(model_name, 512))
         if halves:
             mbs = [(i[j:j + len(i) // 2], t[j:j + len(i) // 2]) for i, t in mbs for j in (0, len(i) // 2)]
         total = 0.0
@@ -49,11 +53,11 @@ def reference(model_name: str, halves: bool = False) -> tuple[list[float], dict[
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def train(compiled) -> list[float]:
+def train(compiled, model_name: str = "llama-tiny") -> list[float]:
     opt = compiled.make_optimizer(torch.optim.AdamW, lr=LR)
     losses = []
-    for step in range(STEPS):
-        mbs = batches(step)
+    for step in range(STEPS_OF.get(model_name, STEPS)):
+        mbs = batches(step, VOCAB.get(model_name, 512))
         total, k = 0.0, len(mbs)
 
         def mean_loss(out, target, k=k):
@@ -95,9 +99,12 @@ def _stages_rank(device_mesh, model_name: str, stages: list[int]):
         if device_mesh is not None:
             bind(program, device_mesh)
         compiled = CompiledModel(program, "aten")
-        losses = train(compiled)
+        losses = train(compiled, model_name)
         full = {n: t.numpy().copy() for n, t in compiled.trainer.full_parameters().items()}  # plain arrays
-        out[stage] = (losses, full if device_mesh is None or device_mesh.get_rank() == 0 else None)
+        # on a tp dim: rank 0's tp shards, and where they sit (the reference is cut the same way)
+        where = ({program.fqn(n.name): n.meta.get("meshc_placement") for n in program.placeholders()},
+                 program.mesh.coords(program.rank), program.mesh.sizes)
+        out[stage] = (losses, full if device_mesh is None or device_mesh.get_rank() == 0 else None, where)
     return out
 
 
@@ -108,19 +115,23 @@ def check(model_name: str, per_rank: list[dict], stages, exact: bool = False) ->
     its summation order changes (the same batches accumulated as halves; `summation_control`),
     with a margin of 4x: AdamW divides by sqrt(v), so a near-cancelled gradient's rounding shows."""
     from meshc.models import load_model
+    from meshc.placement import local_shard
 
     ref_losses, ref_params = reference(model_name)
     atol = 1e-7 if exact else 4 * summation_control(model_name, ref_params)
     names = {n for n, _ in load_model(model_name).model.named_parameters()}
     for stage in stages:
         for results in per_rank:  # the same loss on every rank
-            losses, _ = results[stage]
+            losses = results[stage][0]
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7,
                                        msg=lambda m, s=stage: f"zero={s} losses: {m}")
-        params = per_rank[0][stage][1]
+        _, params, (placements, coords, sizes) = per_rank[0][stage]
         assert names - {n for n in names if _tied(model_name, n)} <= set(params), (stage, names - set(params))
         for name, p in params.items():
-            torch.testing.assert_close(torch.from_numpy(p), ref_params[name], rtol=1e-5, atol=atol,
+            ref = ref_params[name]
+            if placements.get(name) is not None:  # this rank's tp shard of it (dp: replicated)
+                ref = local_shard(ref, placements[name], coords, sizes)
+            torch.testing.assert_close(torch.from_numpy(p), ref, rtol=1e-5, atol=atol,
                                        msg=lambda m, s=stage, n=name: f"zero={s} {n}: {m}")
 
 
@@ -154,6 +165,14 @@ def test_dp2_gpt2_every_zero_stage_equals_plain_training():  # tied weights; slo
 
     stages = [0, 1, 2, 3]
     check("gpt2-tiny", launch(_stages_rank, "dp=2", "gpt2-tiny", stages, timeout=300), stages)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reference_lm_five_steps_on_dp2_zero3():
+    from meshc.runtime import launch
+
+    check("reference-lm", launch(_stages_rank, "dp=2", "reference-lm", [3], timeout=800), [3])
 
 
 @pytest.mark.slow
