@@ -12,7 +12,8 @@ the trace (and restored after), and the traced block 1 is copied for blocks 2..L
 reads the previous copy where block 1 reads block 0, its own layer's parameters where block 1
 reads block 1's, and the same shared nodes (rotary tables, masks, sizes) as block 1. The result
 is the graph a full capture gives (same ops in the same order, the same placeholders in the same
-order, the same FQNs); tests compare plans and outputs with a full capture.
+order, the same FQNs; only FX's node-name numbering differs); tests compare plans and outputs with
+a full capture.
 
 Reuse is refused (None: full capture) unless every block has the same type, the same parameter
 and buffer names, shapes and dtypes and the same plain attributes (a per-layer sliding window or
