@@ -12,16 +12,19 @@ How it runs. The Program arrives with its collectives differentiable (`different
 and every trainable parameter read through a `zero_param` node (the `zero` pass, which records in
 `meta['meshc_zero']` what each placeholder holds). Here the trainable state becomes autograd
 leaves, the forward runs through the lowered graph, `loss_fn(output, target)` runs eagerly on the
-(replicated) output, and one `backward` of loss / mesh.size (the outputs' all-gather over dp sums
-the dp copies; tp as in the pipeline) lands each gradient, already reduced over dp by the graph's
-adjoints, in `.grad` of the leaves. Calling `train_step` N times before `opt.step()` is gradient
-accumulation.
+(replicated) output, and one backward of loss / mesh.size (the outputs' all-gather over dp sums
+the dp copies; tp as in the pipeline) lands each gradient in `.grad` of the leaves: reduced over dp
+by the graph's adjoints (zero=2/3), or, where the zero pass left it to buckets (`bucket_bytes`,
+zero=0/1), by one all-reduce per bucket right after the backward. Calling `train_step` N times
+before `opt.step()` is gradient accumulation. With the zero pass's `recompute` policy, saved-tensor
+hooks replace each saved gathered parameter by how to gather it again (`_pack` / `_unpack`).
 
 The optimizer is the given torch class over what this rank updates: the parameters (zero=0), a
-flat dp shard of each (zero=1: a copy, its gradient sliced from the all-reduced one before the
-step; zero=2/3: the leaves themselves). After the step, zero=1/2 all-gather the updated shards in
-one bucket into the full parameters the next forward reads. `clip_grad_norm_` uses the global
-norm: squares summed over every rank, each counted once however many ranks hold it.
+flat dp block of each (zero=1: a view into the parameter, its gradient sliced from the
+all-reduced one before the step; zero=2/3: the leaves themselves, at zero=2 views into the full
+copy). After the step, zero=1/2 all-gather the updated blocks in one bucket into the full
+parameters the next forward reads. `clip_grad_norm_` uses the global norm: squares summed over
+every rank, each counted once however many ranks hold it.
 
 Never rewrites a graph; every collective names a group the runtime bound (`MeshSpec.group_name`).
 """
