@@ -342,3 +342,15 @@ def test_sharded_checkpoint_resumes_on_another_stage_and_dp_size(tmp_path):
     one.load_sharded(tmp_path, opt)
     torch.testing.assert_close(torch.tensor(_mlp_steps(one, opt, range(3, 6))), torch.tensor(after),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_meshc_show_prints_the_zero3_schedule(capsys):
+    """Rank 0's training program, without processes: one gather per layer bucket, prefetched."""
+    from meshc.cli import main
+
+    assert main(["show", "mlp", "--mesh", "dp=2", "--zero", "3", "--after", "zero"]) == 0
+    code = capsys.readouterr().out
+    gathers = [line for line in code.splitlines() if "zero_layer(" in line]
+    assert len(gathers) == 3, code  # up, mid, down: weight + bias each
+    # prefetch: mid's bucket is gathered before up's linear runs
+    assert code.index("(p_mid_weight, p_mid_bias)") < code.index("aten.linear.default(getitem")
