@@ -37,6 +37,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     generate: bool | None = None,
     training: bool = False,
     zero: int = 0,
+    mixed_precision: str | None = None,
 ):
     """Compile `model` for `mesh` and return a CompiledModel with the model's call signature.
 
@@ -58,6 +59,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     training, zero: also make the Program trainable (`meshc.training`): `compiled.train_step`,
       `make_optimizer`, `clip_grad_norm_` (`meshc.runtime.training`); zero=1/2/3 shards optimizer
       state / gradients / parameters over the dp dim (ZeRO). zero>0 implies training.
+      mixed_precision='bf16': train_step computes in bfloat16 (autocast) on fp32 master weights.
     """
     from meshc.runtime.compiled_model import CompiledModel
 
@@ -65,10 +67,11 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     batch = _example_batch(example_inputs)
     # the one resolver; a schedule that cannot work fails here, before capture and before any rank waits
     resolved = resolve(spec, pipeline, plan, schedule, microbatches, virtual, batch)
-    if training or zero:
+    if training or zero or mixed_precision:
         from meshc.training import training_pipeline
 
-        resolved = dataclasses.replace(resolved, pipeline=training_pipeline(resolved.pipeline, spec, zero))
+        resolved = dataclasses.replace(resolved, pipeline=training_pipeline(resolved.pipeline, spec, zero,
+                                                                            mixed_precision))
     device_mesh = None
     if spec.size > 1:
         from meshc.runtime.mesh import device_mesh_for

@@ -3,7 +3,8 @@
 Entry point: `training_pipeline(pipeline, mesh, zero) -> str`. On a dp/tp mesh (or one device)
 the forward's passes run as for inference, then `differentiable_collectives` (every collective
 carries its adjoint from the one redistribution table) and `zero(stage=N)` (the trainable
-parameters' placements on dp and their gradients' reductions), before `lint`. The resulting
+parameters' placements on dp and their gradients' reductions; with `mixed_precision='bf16'` its
+`compute_dtype` option, which train_step's autocast reads), before `lint`. The resulting
 Program is what `CompiledModel.train_step` differentiates (`meshc.runtime.training`). A pp mesh
 already trains through the pipeline runtime (its resolver adds the differentiable collectives);
 ZeRO on it is not implemented yet, which is an error here, before capture.
@@ -15,12 +16,20 @@ from meshc.errors import MeshcError
 from meshc.mesh import MeshSpec
 from meshc.pipeline import parse_pipeline
 
+#: mixed_precision= -> the dtype train_step computes in (autocast); master weights stay fp32
+MIXED_PRECISION = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 
-def training_pipeline(pipeline: str, mesh: MeshSpec, zero: int = 0) -> str:
+
+def training_pipeline(pipeline: str, mesh: MeshSpec, zero: int = 0, mixed_precision: str | None = None) -> str:
     if zero not in (0, 1, 2, 3):
         raise MeshcError(f"zero={zero!r} is not a ZeRO stage; use 0 (data parallel), 1 (optimizer state sharded), "
                          f"2 (and gradients) or 3 (and parameters)")
+    if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
+        raise MeshcError(f"mixed_precision={mixed_precision!r} is not known; use one of {', '.join(MIXED_PRECISION)} "
+                         f"or None (fp32)")
     if mesh.pp > 1:
+        if mixed_precision:
+            raise MeshcError(f"mixed_precision on a pp mesh ('{mesh}') is not implemented yet")
         if zero:
             raise MeshcError(f"zero={zero} on a pp mesh ('{mesh}') is not implemented yet; the pipeline runtime "
                              f"trains with zero=0 (PipelineModel.train_step)")
@@ -30,6 +39,7 @@ def training_pipeline(pipeline: str, mesh: MeshSpec, zero: int = 0) -> str:
                          f"with dp>1 such as 'dp=2'")
     names = [c.name for c in parse_pipeline(pipeline)]
     added = [] if "differentiable_collectives" in names else ["differentiable_collectives"]
-    added += [] if "zero" in names else [f"zero(stage={zero})"]
+    dtype = f",compute_dtype={MIXED_PRECISION[mixed_precision]}" if mixed_precision else ""
+    added += [] if "zero" in names else [f"zero(stage={zero}{dtype})"]
     head, lint = (pipeline.strip()[:-len("lint")].rstrip(", "), ",lint") if names[-1:] == ["lint"] else (pipeline, "")
     return ",".join([head, *added]) + lint

@@ -23,7 +23,9 @@ Stage 3's all-gathers are issued right before the first reader; the option `pref
 each one before the previous layer's (one layer ahead). `recompute=true` (stage 3): what
 autograd saves of a gathered parameter for backward is not kept; backward gathers it again
 (`regather`; the runtime installs the saved-tensor hooks), so each full parameter lives only
-while it is used. The default saves it (no second all-gather). Stages 0/1 with `bucket_mb>0` (default
+while it is used. The default saves it (no second all-gather). `compute_dtype=bfloat16`: the runtime's train_step
+runs forward and loss under autocast to it (master weights, gradients, optimizer stay fp32;
+collectives move fp32). Stages 0/1 with `bucket_mb>0` (default
 25, as DDP) leave the dp all-reduce out of the node's backward and record `bucket_bytes`: the
 runtime all-reduces the step's gradients after backward in buckets of that size (one collective
 per bucket instead of one per parameter). Never touches a process group.
@@ -188,10 +190,12 @@ def bucket_layers(graph: fx.Graph, max_bytes: int) -> int:
 @register_pass("zero", preserves_semantics=True,
                description="ZeRO stage 0-3: trainable parameters' placements on dp and their gradients' reductions")
 def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: float = 25.0,
-         recompute: bool = False) -> Program:
+         recompute: bool = False, compute_dtype: str = "float32") -> Program:
     if program.split is not None:
         raise MeshError("zero: the pipeline runtime reduces gradients itself; ZeRO on a pp mesh is not "
                         "implemented yet (train with zero=0 there, or use a dp/tp mesh)")
+    if not isinstance(getattr(torch, compute_dtype, None), torch.dtype):
+        raise MeshError(f"zero: compute_dtype={compute_dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
     if stage not in STAGES:
         raise MeshError(f"zero: stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     mesh = program.mesh
@@ -242,7 +246,7 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: floa
                          meshc_placement=tuple(Replicate() if i == dp_i else p for i, p in enumerate(pls)) or None)
         ph.replace_all_uses_with(node, delete_user_cb=lambda u, node=node: u is not node)
         ph.meta["meshc_zero"] = {"stage": stage, "dp": n, "shape": shape, "full": full.name if full else None,
-                                 "recompute": bool(recompute and stage == 3),
+                                 "recompute": bool(recompute and stage == 3), "compute_dtype": compute_dtype,
                                  "bucket_bytes": int(bucket_mb * 2**20) if stage < 2 and n > 1 else 0}
         made += 1
     if stage >= 2 and bucket_mb > 0 and n > 1:

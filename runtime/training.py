@@ -131,6 +131,8 @@ class Trainer:
         self.stage, self.dp = infos[0]["stage"], mesh.dp
         self.bucket_bytes = infos[0].get("bucket_bytes", 0)
         self.recompute = infos[0].get("recompute", False)
+        dtype = getattr(torch, infos[0].get("compute_dtype", "float32"))
+        self.autocast = None if dtype == torch.float32 else dtype
         self.dp_coord = mesh.coord(program.rank, DP)
         self.dp_group = mesh.group_name(DP) if self.dp > 1 else None
         self.slots: list[Slot] = []
@@ -162,9 +164,12 @@ class Trainer:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         flat = self.program.bind_inputs(args, kwargs or {})
         hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if self.recompute else contextlib.nullcontext()
+        device = next((s.leaf.device.type for s in self.slots), "cpu")
+        mixed = torch.autocast(device, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with torch.enable_grad(), hooks:
-            out = self.program.unflatten_outputs(self.compiled._run_flat(flat))
-            loss = loss_fn(out, target)
+            with mixed:  # forward and loss in the compute dtype; backward outside autocast, as torch advises
+                out = self.program.unflatten_outputs(self.compiled._run_flat(flat))
+                loss = loss_fn(out, target)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
                 raise MeshcError(f"loss_fn must return a scalar tensor that depends on the output; got "
                                  f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")

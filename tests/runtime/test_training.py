@@ -354,3 +354,34 @@ def test_meshc_show_prints_the_zero3_schedule(capsys):
     assert len(gathers) == 3, code  # up, mid, down: weight + bias each
     # prefetch: mid's bucket is gathered before up's linear runs
     assert code.index("(p_mid_weight, p_mid_bias)") < code.index("aten.linear.default(getitem")
+
+
+def test_bf16_mixed_precision_equals_plain_autocast_training_with_fp32_master_weights():
+    """One device, MLP: compile(mixed_precision='bf16') equals plain training whose forward runs
+    under torch.autocast(bfloat16) (fp32 weights and AdamW); and it differs from fp32 training."""
+    import meshc
+    from meshc.models import load_model
+
+    def plain(autocast: bool) -> list[float]:
+        model = load_model("mlp").model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for step in range(4):
+            x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = torch.nn.functional.mse_loss(model(x), x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        return losses
+
+    mlp = load_model("mlp")
+    compiled = meshc.compile(mlp.model, example_inputs=mlp.example_inputs, training=True, mixed_precision="bf16")
+    opt = compiled.make_optimizer(torch.optim.AdamW, lr=1e-2)
+    got = _mlp_steps(compiled, opt, range(4))
+    assert all(p.dtype == torch.float32 for p in opt.param_groups[0]["params"])  # fp32 master weights
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(plain(True)), rtol=1e-5, atol=1e-7)
+    fp32 = torch.tensor(plain(False))
+    assert (torch.tensor(got) - fp32).abs().max() > 1e-5  # bf16 was really used
+    torch.testing.assert_close(torch.tensor(got), fp32, rtol=2e-2, atol=0)
