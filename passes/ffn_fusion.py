@@ -199,7 +199,7 @@ def fuse_run(program: Program, stream: ResidualStream, ffns: list[FFN], layers: 
     graph, t = program.graph, ffns[0]
     width = [f.ins[0].meta["val"].shape[-1] for f in ffns]
     total = sum(width)
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, fx.Node] = {stream.xs[t.k - 1]: x_in}
     new_params: dict[fx.Node, fx.Node] = {}  # template placeholder -> fused placeholder
     new_bias: dict[fx.Node, fx.Node] = {}  # template linear -> its fused bias placeholder (linear without one)
 
