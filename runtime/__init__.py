@@ -5,8 +5,9 @@ a mesh with a `pp` dim: the stage Programs of `split_stages`, each lowered by `m
 run on the pp ranks by a schedule from `meshc.schedules`) and `launch` (start an SPMD function on
 every rank of a mesh, locally or under torchrun, never hanging). `mesh.py` is the one binding
 point: it builds the DeviceMesh and registers each mesh dim's process group under the name the
-program's collectives use. `sharded.py` loads checkpoints (each rank its slices). The runtime
-never imports a pass.
+program's collectives use. `sharded.py` loads checkpoints (each rank its slices). `generate.py`
+runs the decode loop and `speculative.py` Medusa tree decoding (`generate(..., speculative="medusa")`)
+on the prefill/decode Programs. The runtime never imports a pass.
 """
 
 from meshc.runtime.compiled_model import CompiledModel
