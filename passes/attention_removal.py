@@ -33,7 +33,10 @@ def stamp_layers(stream: ResidualStream) -> list[list[int]]:
 
 @register_pass("attention_removal", preserves_semantics=False,
                description="remove the attention sub-layer (and its norm) of chosen decoder layers")
-def attention_removal(program: Program, *, layers: str = "all") -> Program:
+def attention_removal(program: Program, *, layers: str = "") -> Program:
+    if not layers.strip():
+        raise MeshcError("attention_removal: name the decoder layers whose attention goes, e.g. layers=2-5 or "
+                         "layers='3,5,7' (meshc ffn-deps / examples/convert_ffn_fusion.py help choose)")
     program = dce(program)  # export's asserts would keep removed nodes alive
     stream = find_residual_stream(program)
     grouped = stamp_layers(stream)
