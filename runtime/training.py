@@ -11,12 +11,15 @@ Entry point: `Trainer(compiled)`, which `CompiledModel`'s methods from the mixin
 How it runs. The Program arrives with its collectives differentiable (`differentiable_collectives`)
 and every trainable parameter read through a `zero_param` node (the `zero` pass, which records in
 `meta['meshc_zero']` what each placeholder holds). Here the trainable state becomes autograd
-leaves, the forward runs through the lowered graph, `loss_fn(output, target)` runs eagerly on the
+leaves; one step (`_step`) runs the Program's graph, `loss_fn(output, target)` on the
 (replicated) output, and one backward of loss / mesh.size (the outputs' all-gather over dp sums
 the dp copies; tp as in the pipeline) lands each gradient in `.grad` of the leaves: reduced over dp
 by the graph's adjoints (zero=2/3), or, where the zero pass left it to buckets (`bucket_bytes`,
 zero=0/1), by one all-reduce per bucket right after the backward. Calling `train_step` N times
-before `opt.step()` is gradient accumulation. With the zero pass's `recompute` policy, saved-tensor
+before `opt.step()` is gradient accumulation. With `aot = True` the step is traced ahead of time
+with make_fx into one per-rank training-step graph (`training_graph`, once per input shapes) that
+train_step runs; the default runs `_step` through autograd eagerly (lower peak memory today).
+With the zero pass's `recompute` policy, saved-tensor
 hooks replace each saved gathered parameter by how to gather it again (`_pack` / `_unpack`).
 
 The optimizer is the given torch class over what this rank updates: the parameters (zero=0), a
@@ -67,6 +70,11 @@ def _unpack(packed):
     return fn(*args).as_strided(size, stride, offset)
 
 
+def _signature(values: list) -> tuple:
+    """What a traced step specializes on: tensor shapes and dtypes, other values themselves."""
+    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in values)
+
+
 class Trains:
     """CompiledModel's training methods (compile with training=True, zero=N); they delegate to a
     `Trainer` made on first use."""
@@ -85,6 +93,11 @@ class Trains:
     def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
         """A `cls` optimizer over this rank's shards; its step includes the stage's all-gathers."""
         return self.trainer.make_optimizer(cls, **options)
+
+    def training_graph(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
+        """The per-rank training-step graph (forward + loss + backward, collectives included) that
+        train_step runs for inputs and a target of these shapes; print its `.code`."""
+        return self.trainer.training_graph(inputs, target, loss_fn, kwargs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over every shard; returns the norm before clipping."""
@@ -119,8 +132,8 @@ class Slot:
 class Trainer:
     def __init__(self, compiled):
         program = compiled.program
-        nodes = [p for p in program.placeholders() if trainable(p)]
-        infos = [p.meta.get("meshc_zero") for p in nodes if p.users]
+        nodes = [p for p in program.placeholders() if trainable(p) and p.users]  # an unread tied twin: not trained
+        infos = [p.meta.get("meshc_zero") for p in nodes]
         if not infos or any(i is None for i in infos):
             raise MeshcError(f"{program.model_name} was compiled for inference; compile with "
                              f"meshc.compile(..., training=True[, zero=N]) to call train_step or make_optimizer")
@@ -131,6 +144,8 @@ class Trainer:
         self.stage, self.dp = infos[0]["stage"], mesh.dp
         self.bucket_bytes = infos[0].get("bucket_bytes", 0)
         self.recompute = infos[0].get("recompute", False)
+        self.aot = False  # True: run the traced training-step graph (`training_graph`); False: autograd eagerly
+        self._graphs: dict = {}
         dtype = getattr(torch, infos[0].get("compute_dtype", "float32"))
         self.autocast = None if dtype == torch.float32 else dtype
         self.dp_coord = mesh.coord(program.rank, DP)
@@ -163,41 +178,66 @@ class Trainer:
     def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         flat = self.program.bind_inputs(args, kwargs or {})
+        state = self.program.state_args()
+        if self.aot:
+            loss, grads = self.training_graph(inputs, target, loss_fn, kwargs)(state, flat, target)
+        else:
+            loss, grads = self._step(state, flat, target, loss_fn)
+        for s, g in zip(self.slots, grads):
+            s.leaf.grad = g if s.leaf.grad is None else s.leaf.grad + g
+        return loss
+
+    def training_graph(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
+        """The per-rank training-step graph for inputs and a target of these shapes: forward, loss,
+        backward with every collective (and the bucketed all-reduce), traced ahead of time with
+        make_fx; `(state, flat_inputs, target) -> (loss, gradients of the slots' leaves)`. Traced
+        once per input shapes, target shapes and loss_fn; `print(graph.code)` shows it."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        flat = self.program.bind_inputs(args, kwargs or {})
+        key = (_signature(flat), _signature(torch.utils._pytree.tree_leaves(target)), loss_fn)
+        if key not in self._graphs:
+            def step(state, flat, target):
+                return self._step(state, flat, target, loss_fn)
+
+            self._graphs[key] = make_fx(step)(self.program.state_args(), flat, target)
+        return self._graphs[key]
+
+    def _step(self, state: list, flat: list, target: Any, loss_fn) -> tuple[torch.Tensor, list]:
+        """(loss, this step's gradient of every slot's leaf, reduced as the placements say)."""
         hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if self.recompute else contextlib.nullcontext()
         device = next((s.leaf.device.type for s in self.slots), "cpu")
         mixed = torch.autocast(device, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        index = {id(t): i for i, t in enumerate(self.program.state_args())}
+        leaves = [state[index[id(s.leaf)]] for s in self.slots]
         with torch.enable_grad(), hooks:
             with mixed:  # forward and loss in the compute dtype; backward outside autocast, as torch advises
-                out = self.program.unflatten_outputs(self.compiled._run_flat(flat))
+                out = self.program.unflatten_outputs(self.program.gm(*state, *flat))
                 loss = loss_fn(out, target)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
                 raise MeshcError(f"loss_fn must return a scalar tensor that depends on the output; got "
                                  f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-            if not self.bucket_bytes:
-                (loss / self.program.mesh.size).backward()
-                return loss.detach()
-            leaves = [s.leaf for s in self.slots]
             grads = torch.autograd.grad(loss / self.program.mesh.size, leaves, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-        for bucket in self._buckets(grads):  # Partial -> R over dp, one all-reduce per bucket
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            c = _c10d()
-            flat = c.wait_tensor(c.all_reduce(flat, "sum", self.dp_group))
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view(g.shape))
-        for t, g in zip(leaves, grads):
-            t.grad = g if t.grad is None else t.grad + g
-        return loss.detach()
+        if self.bucket_bytes:  # Partial -> R over dp, one all-reduce per bucket
+            c, reduced = _c10d(), list(grads)
+            for idx in self._buckets(grads):
+                both = c.wait_tensor(c.all_reduce(torch.cat([grads[i].reshape(-1) for i in idx]), "sum", self.dp_group))
+                for i, part in zip(idx, both.split([grads[i].numel() for i in idx])):
+                    reduced[i] = part.view(grads[i].shape)
+            grads = reduced
+        return loss.detach(), grads
 
-    def _buckets(self, grads: list) -> list[list[torch.Tensor]]:
-        """Consecutive gradients in groups of at most `bucket_bytes` (a larger one alone)."""
+    def _buckets(self, grads: list) -> list[list[int]]:
+        """Indices of consecutive gradients in groups of at most `bucket_bytes` (a larger one alone)."""
         out, size = [[]], 0
-        for g in grads:
+        for i, g in enumerate(grads):
             nbytes = g.numel() * g.element_size()
             if out[-1] and size + nbytes > self.bucket_bytes:
                 out.append([])
                 size = 0
-            out[-1].append(g)
+            out[-1].append(i)
             size += nbytes
         return [b for b in out if b]
 

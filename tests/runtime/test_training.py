@@ -187,7 +187,7 @@ def test_more_meshes_every_zero_stage_equals_plain_training(mesh):
 
 # ---- the public path, schedulers, errors (the MLP: seconds) -------------------------------------------
 
-def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = "default"):
+def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = "default", aot: bool = False):
     """meshc.compile(training=True, zero=N) + an LR scheduler, 6 steps; rank 1 may die mid-run."""
     import os
 
@@ -204,6 +204,7 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
                              zero=zero, pipeline=pipeline)
     opt = compiled.make_optimizer(torch.optim.AdamW, lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    compiled.trainer.aot = aot
     losses, lrs = [], []
     for step in range(6):
         x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
@@ -214,7 +215,9 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
         opt.zero_grad()
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
-    return losses, lrs, compiled.report, len(regathers)
+    x, = load_model("mlp", batch=4, seq=8).example_inputs
+    code = compiled.training_graph((x,), x, torch.nn.functional.mse_loss).code if aot else ""
+    return losses, lrs, compiled.report, len(regathers), code
 
 
 def _mlp_reference():
@@ -236,12 +239,15 @@ def _mlp_reference():
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("pipeline", ["default", "dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint"])
-def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training(pipeline):
+@pytest.mark.parametrize("pipeline, aot", [("default", False), ("default", True),
+                                           ("dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint", False)])
+def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training(pipeline, aot):
+    """Eager autograd, the traced training-step graph (aot), and the recompute policy."""
     from meshc.runtime import launch
 
     ref = _mlp_reference()
-    for losses, lrs, report, regathers in launch(_mlp_public_rank, "dp=2", 3, False, pipeline, timeout=150):
+    for losses, lrs, report, regathers, code in launch(_mlp_public_rank, "dp=2", 3, False, pipeline, aot,
+                                                       timeout=150):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
         assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
         assert "zero: stage 3 on dp=2: 6 parameters" in report
@@ -249,6 +255,9 @@ def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_trainin
         # recompute: the weights backward saves are gathered again each step: mid's and down's (up's
         # input needs no gradient, so autograd saves no weight there; biases are never saved)
         assert regathers == (0 if pipeline == "default" else 2 * 6), regathers
+        if aot:  # one graph: the forward's layer all-gathers and the backward's reduce-scatters
+            assert code.count("all_gather_into_tensor.default(") == 3 + 1, code  # 3 layers + the output
+            assert code.count("reduce_scatter_tensor.default(") == 3 + 1, code  # their adjoints
 
 
 @pytest.mark.timeout(120)
