@@ -176,13 +176,15 @@ def bucket_layers(graph: fx.Graph, max_bytes: int) -> int:
                     tuple(m.args[4] for m in members), group, tuple(m.args[6] for m in members))
             with graph.inserting_before(members[0]):
                 layer = graph.call_function(zero_layer, args)
-                layer.meta.update({k: v for k, v in members[0].meta.items() if k != "val"})
-                layer.meta["val"] = tuple(m.meta["val"] for m in members)
-                for i, m in enumerate(members):
-                    item = graph.call_function(operator.getitem, (layer, i))
-                    item.meta.update(m.meta)
-                    m.replace_all_uses_with(item)
-                    graph.erase_node(m)
+            layer.meta.update({k: v for k, v in members[0].meta.items() if k != "val"})
+            layer.meta["val"] = tuple(m.meta["val"] for m in members)
+            anchor = layer
+            for i, m in enumerate(members):  # getitems right after the bucket, before any reader
+                with graph.inserting_after(anchor):
+                    anchor = graph.call_function(operator.getitem, (layer, i))
+                anchor.meta.update(m.meta)
+                m.replace_all_uses_with(anchor)
+                graph.erase_node(m)
             made += 1
     return made
 
