@@ -14,7 +14,8 @@ from meshc.models import load_model  # noqa: E402
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("name", [pytest.param("llama-tiny", marks=pytest.mark.slow),  # suite time; gpt2 and
+                                  "gpt2-tiny"])                                       # 9 families run by default
 def test_whole_model_equals_eager_at_several_sizes(name):
     loaded = load_model(name, batch=2, seq=8)
     compiled = meshc.compile(loaded.model, example_inputs=loaded.example_inputs,

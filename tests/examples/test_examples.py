@@ -17,6 +17,7 @@ def run_example(script: str, *args: str, timeout: int = 600) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # default-suite time (20 min on 2 cores): covered by faster cases
 @pytest.mark.timeout(600)
 def test_train_reference_lm_smoke(tmp_path):
     out = run_example("examples/reference_lm/train.py", "--steps", "3", "--batch-size", "2", "--seq-len", "64",

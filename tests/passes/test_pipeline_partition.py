@@ -139,7 +139,7 @@ def test_24_layer_llama_balances_on_4_stages(llama24):
     assert max(per_stage) / (sum(per_stage) / 4) <= 1.06
     assert "embedding" in lines[0] and "head" in lines[3]
     # the DP is exact over its candidates: every position (a superset) can only do as well or better
-    every = PassManager("pipeline_partition(stages=4,cuts=all)").run(program).notes[0]
+    every = _partition_note(PassManager("pipeline_partition(stages=4,cuts=all)").run(program))
     slowest = lambda note: float(note.split("slowest stage ")[1].split(" ms")[0])
     assert "every position" in every and slowest(every) <= slowest(head)
 
@@ -187,7 +187,7 @@ def test_memory_cap_depends_on_the_schedule(llama24):
         out = PassManager(pipeline).run(program)
         lines = [x for x in out.notes if x.startswith("  stage")]
         mem = [float(x.split("memory ")[1].split(" MiB")[0]) for x in lines]
-        return max(mem), float(out.notes[0].split("slowest stage ")[1].split(" ms")[0]), mem
+        return max(mem), float(_partition_note(out).split("slowest stage ")[1].split(" ms")[0]), mem
 
     gpipe, ofob = run("pipeline_partition(stages=4,schedule=gpipe)"), run("pipeline_partition(stages=4)")
     assert gpipe[0] > ofob[0]  # 8 micro-batches in flight on every stage vs 4-r under 1F1B
@@ -214,7 +214,7 @@ def test_cut_candidates_without_a_residual_stream():
     model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(8, 8), nn.ReLU())])
     program = capture(model, (torch.randn(4, 8),))
     out = PassManager("pipeline_partition(stages=3,schedule=forward)").run(program)
-    assert "every position" in out.notes[0] or "narrowest" in out.notes[0]
+    assert "every position" in _partition_note(out) or "narrowest" in _partition_note(out)
     assert {n.meta["meshc_stage"] for n in out.graph.nodes} == {0, 1, 2}
     with pytest.raises(PassError, match="residual add"):
         PassManager("pipeline_partition(stages=2,cuts=residual)").run(program)
@@ -239,3 +239,8 @@ def test_gpt2_tied_wte_is_reported(gpt2):
     out = PassManager("pipeline_partition(stages=2)").run(program)
     shared = shared_parameters(out)
     assert shared and all(v == (0, 1) for v in shared.values()) and any("wte" in k for k in shared)
+
+
+def _partition_note(program) -> str:
+    """pipeline_partition's summary note (capture may note first, e.g. block reuse at depth)."""
+    return next(n for n in program.notes if n.startswith("pipeline_partition"))

@@ -204,6 +204,7 @@ def _bpb_on_mesh(device_mesh, max_bytes):
         compiled, max_bytes=max_bytes, progress=False)
 
 
+@pytest.mark.slow  # default-suite time (20 min on 2 cores): covered by faster cases
 @pytest.mark.timeout(300)
 def test_bits_per_byte_is_the_same_compiled_on_tp2():
     from meshc.runtime import launch

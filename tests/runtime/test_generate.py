@@ -229,6 +229,7 @@ def test_a_model_that_cannot_decode_on_a_static_cache_is_a_clear_error():
         meshc.compile(loaded.model, None, example_inputs=loaded.example_inputs, max_cache_len=32)
 
 
+@pytest.mark.slow  # default-suite time (20 min on 2 cores): covered by faster cases
 def test_ladder_residual_applies_to_the_decode_graph():
     """A pipeline with ladder_residual rewires the prefill and decode Programs as it rewires the
     forward: decoding with the cache equals re-running the ladder forward on the growing sequence,

@@ -183,6 +183,7 @@ def _compiled_rank(device_mesh):
     return fwd, train, pipe.program.history, error
 
 
+@pytest.mark.slow  # default-suite time (20 min on 2 cores): covered by faster cases
 @pytest.mark.timeout(300)
 def test_compile_on_a_pp_mesh_returns_a_pipeline_model():
     results = launch(_compiled_rank, "pp=2", timeout=240)
@@ -319,6 +320,7 @@ def _dp_pp_rank(device_mesh):
     return forward, train
 
 
+@pytest.mark.slow  # default-suite time (20 min on 2 cores): covered by faster cases
 @pytest.mark.timeout(300)
 def test_dp2_pp2_replicas_split_the_batch_and_average_gradients():
     per_rank = launch(_dp_pp_rank, "dp=2,pp=2", timeout=240)

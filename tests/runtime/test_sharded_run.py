@@ -30,6 +30,7 @@ def test_megatron_plan_equals_eager_more_meshes(model, mesh):
     check(model, mesh)
 
 
+@pytest.mark.slow  # default-suite time (20 min on 2 cores): covered by faster cases
 @pytest.mark.timeout(300)
 def test_each_rank_holds_a_quarter_of_the_sharded_parameters():
     r = check("gpt2-tiny", "tp=4")

@@ -240,8 +240,9 @@ def _mlp_reference():
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("pipeline, aot", [("default", False), ("default", True),
-                                           ("dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint", False)])
+@pytest.mark.parametrize("pipeline, aot", [  # default-suite time: the traced and recompute variants under -m slow
+    ("default", False), pytest.param("default", True, marks=pytest.mark.slow),
+    pytest.param("dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint", False, marks=pytest.mark.slow)])
 def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training(pipeline, aot):
     """Eager autograd, the traced training-step graph (aot), and the recompute policy."""
     from meshc.runtime import launch
