@@ -63,7 +63,7 @@ def analyse_ffn(program: Program, stream: ResidualStream, k: int) -> FFN:
     order = [n for n in program.graph.nodes if n in body]
     h = stream.hs[k - 1]
     linears = [n for n in order if linear_weight(n) is not None]
-    ancestors = {n: _ancestors_in(n, body) for n in linears}
+    ancestors = {n: _reachable(n, body, forward=False) for n in linears}
     ins = [n for n in linears if not any(m in ancestors[n] for m in linears)]
     outs = [n for n in linears if n not in ins]
     if not ins or len(outs) != 1 or any(m not in ancestors[outs[0]] for m in ins):
@@ -86,10 +86,13 @@ def analyse_ffn(program: Program, stream: ResidualStream, k: int) -> FFN:
                           f"`weight * normalized` (a 1-d parameter) or aten.layer_norm with a weight")
 
 
-def _ancestors_in(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
+def _reachable(node: fx.Node, within: set[fx.Node], forward: bool) -> set[fx.Node]:
+    """Nodes of `within` reached from `node` through inputs (forward=False) or users, by paths
+    that stay inside `within`."""
     seen, stack = set(), [node]
     while stack:
-        for a in stack.pop().all_input_nodes:
+        n = stack.pop()
+        for a in (n.users if forward else n.all_input_nodes):
             if a in within and a not in seen:
                 seen.add(a)
                 stack.append(a)
@@ -228,7 +231,8 @@ def fuse_run(program: Program, stream: ResidualStream, ffns: list[FFN], layers: 
         bs = [program.state[_bias_of(f.out).name] for f in ffns]
         new_params[_bias_of(t.out)] = param(sum(bs[1:], bs[0].clone()), [_bias_of(f.out).meta["meshc_name"]
                                                                          for f in ffns], _bias_of(t.out))
-    inner = set().union(*(_descendants_in(i, set(t.order)) for i in t.ins)) - {t.out}
+    order = set(t.order)
+    inner = set().union(*(_reachable(i, order, forward=True) for i in t.ins)) - {t.out}
     last_add = stream.adds[ffns[-1].k - 1]
     with graph.inserting_before(last_add):
         for node in t.order:
@@ -270,15 +274,6 @@ def _map_ints(a, fn):
         return type(a)(_map_ints(b, fn) for b in a)
     return fn(a) if isinstance(a, int) else a
 
-
-def _descendants_in(node: fx.Node, within: set[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        for u in stack.pop().users:
-            if u in within and u not in seen:
-                seen.add(u)
-                stack.append(u)
-    return seen
 
 
 @register_pass("ffn_fusion", preserves_semantics=False,

@@ -177,9 +177,10 @@ class Generates:
 def _cache_read(runners: dict, programs: Any) -> list[bool]:
     """Per cache tensor: does one of this rank's pipeline stages read it (in both Programs alike)?"""
     reads = []
-    for name, first in (("prefill", 2), ("decode", 4)):  # flat inputs: ids, mask | ids, pos, at, bias; cache
-        n = len(programs.layout.kv_shapes) * 2
-        reads.append([first + i in runners[name].user_inputs_read() for i in range(n)])
+    for name in ("prefill", "decode"):
+        read = runners[name].user_inputs_read()
+        held = [i for i, n in enumerate(getattr(programs, name).placeholders("user")) if "meshc_held" in n.meta]
+        reads.append([i in read for i in held])
     if reads[0] != reads[1]:
         raise MeshcError(f"pipeline_partition put the layers of the prefill and decode Programs on different "
                          f"stages (cache tensors read here: prefill {reads[0]}, decode {reads[1]}), so one rank "
