@@ -178,6 +178,27 @@ def test_flash_attention(case):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("m, mask_kind", [(1, "float"), (5, "bool")])
+def test_flash_decoding_splits_the_keys_and_merges_the_chunks(m, mask_kind):
+    """Decode (1 query row) and tree verification (5 rows) over 300 cached keys: the keys run as
+    several chunks (flash-decoding) and the merge equals eager, also for a row whose first chunk is
+    entirely masked and with grouped-query heads."""
+    from meshc.backends.triton.attention import splits_for
+
+    b, h, nk, d = 1, 4, 300, 24
+    assert splits_for(b * h, m, nk) > 1
+    q, k, v = randn(b, h, m, d, seed=1), randn(b, 2, nk, d, seed=2), randn(b, 2, nk, d, seed=3)
+    if mask_kind == "bool":
+        mask = randn(b, 1, m, nk, seed=4) > -0.5
+        mask[:, :, 0, :200] = False  # row 0 sees only the last chunk(s)
+    else:
+        mask = torch.zeros(b, 1, m, nk)
+        mask[..., 250:] = float("-inf")  # a cache filled up to 250
+    lowered = check(Fn(_sdpa(enable_gqa=True)), q, k, v, mask)
+    assert [k.kind for k in lowered.kernels] == ["attention"]
+
+
+@pytest.mark.timeout(120)
 def test_unsupported_dtype_falls_back_to_aten_with_the_reason():
     x = randn(4, 7).double()
     lowered = check(Fn(lambda x: torch.softmax(x * 2, -1)), x)
