@@ -5,18 +5,22 @@ Entry point: `capture_decode(model, max_batch_size, max_cache_len) -> DecodeProg
 
 * prefill(input_ids [B,S], attention_mask [B,S], cache) → logits of the last position [B,1,V];
   positions (from the mask, as Hugging Face's generate computes them) and the 4-D additive mask
-  over the cache are computed in the graph; the prompt's K/V land at cache positions 0..S-1.
-* decode(input_ids [B,T], position_ids [B,T], cache_position [T], attention_mask [B,1,T,L],
+  over the prompt are computed in the graph; the prompt's K/V land at cache positions 0..S-1 and
+  attention reads those S positions only.
+* decode(input_ids [B,T], position_ids [B,T], cache_position [T], attention_mask [B,1,T,P],
   cache) → logits [B,T,V]; T ≥ 1 new tokens per sequence (T > 1 and a tree mask for speculative
-  verification), their K/V written at `cache_position`.
+  verification), their K/V written at `cache_position` (< P). Attention reads only the first P
+  cache positions, P ≤ max_cache_len taken from the mask's size, so a step costs what the filled
+  prefix costs, not the whole cache (the runtime rounds P up to a few bucket sizes).
 
 `cache` is a list [K0, V0, K1, V1, ...] of [B, kv_heads, max_cache_len, head_dim] tensors of the
 model's dtype, marked `meshc_held` (batch dim 0, heads dim 1): the passes place it with
 `meshc.plan.held_placements` and the runtime holds each rank's shard. The model runs on a
 transformers `Cache` whose layers are those tensors; its `index_copy_` writes stay in the graph
 as in-place ops on the cache placeholders (`capture(..., input_writes=True)`), so the runtime's
-buffers keep their `data_ptr` and no step allocates a cache-sized tensor. Batch, prompt length
-and T are dynamic; max_cache_len is static.
+buffers keep their `data_ptr` and no step allocates a cache-sized tensor; attention reads a view
+of the written cache's first P (prefill: S) positions along the sequence dim. Batch, prompt
+length, T and P are dynamic; max_cache_len is static.
 
 It never runs the model outside capture (one eager probe for the K/V shapes aside), holds no
 per-family code, and builds no runtime state: the runtime owns the buffers.
@@ -74,11 +78,11 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
     t = EXAMPLE_T
     ids = torch.ones(EXAMPLE_BATCH, t, dtype=torch.long, device=dev)
     pos = torch.arange(t, device=dev).expand(EXAMPLE_BATCH, t).contiguous()
-    bias = torch.zeros(EXAMPLE_BATCH, 1, t, max_cache_len, dtype=layout.dtype, device=dev)
+    bias = torch.zeros(EXAMPLE_BATCH, 1, t, _example_read(max_cache_len), dtype=layout.dtype, device=dev)
     inputs = (ids, pos, torch.arange(t, device=dev), bias, layout.allocate(EXAMPLE_BATCH))
     decode = _capture_step(model, "decode", _Decode(model, layout), inputs,
                            {"input_ids": auto2, "position_ids": auto2, "cache_position": {0: Dim.AUTO},
-                            "attention_mask": {0: Dim.AUTO, 2: Dim.AUTO}, "cache": cache_dims})
+                            "attention_mask": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}, "cache": cache_dims})
     for p in (prefill, decode):
         p.model_name = type(model).__name__
         for node in p.placeholders("user")[-len(ex):]:  # the cache: held by the runtime, written in place
@@ -92,6 +96,13 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
             elif node.meta["val"].is_leaf and node.meta["val"].requires_grad:
                 node.meta["val"].requires_grad_(False)  # tracing the writes marked the cache as needing grad
     return DecodePrograms(prefill, decode, layout)
+
+
+def _example_read(max_cache_len: int) -> int:
+    """The example P: below max_cache_len (so the read stays a symbolic slice of the cache, not the
+    whole of it) and unlike the other example sizes (so torch.export gives it its own symbol)."""
+    taken = {0, 1, EXAMPLE_BATCH, EXAMPLE_PROMPT, EXAMPLE_T, max_cache_len}
+    return next((p for p in range(max_cache_len - 1, 1, -1) if p not in taken), max_cache_len)
 
 
 def _capture_step(model: torch.nn.Module, step: str, wrapper: torch.nn.Module, inputs: tuple,
@@ -127,12 +138,14 @@ def probe_layout(model: torch.nn.Module, max_batch_size: int, max_cache_len: int
     return CacheLayout(shapes, layers[0].keys.dtype, param.device, max_batch_size, max_cache_len)
 
 
-def _cache_of(tensors: list[torch.Tensor], write_at: torch.Tensor):
+def _cache_of(tensors: list[torch.Tensor], write_at: torch.Tensor, read: int):
+    """A transformers Cache over the cache inputs that writes the new K/V at `write_at` and gives
+    attention the first `read` positions (a view; `read` is symbolic in the graph)."""
     from transformers import Cache
     from transformers.cache_utils import StaticLayer
 
     class InputLayer(StaticLayer):
-        """A static layer over graph inputs: writes the new K/V at `write_at`, returns the whole cache."""
+        """A static layer over graph inputs: writes the new K/V at `write_at`, returns the first `read`."""
 
         def __init__(self, keys: torch.Tensor, values: torch.Tensor):
             super().__init__(max_cache_len=keys.shape[2])
@@ -143,7 +156,7 @@ def _cache_of(tensors: list[torch.Tensor], write_at: torch.Tensor):
         def update(self, key_states, value_states, *args, **kwargs):
             self.keys.index_copy_(2, write_at, key_states)
             self.values.index_copy_(2, write_at, value_states)
-            return self.keys, self.values
+            return self.keys[:, :, :read], self.values[:, :, :read]
 
         def get_seq_length(self) -> int:
             return 0
@@ -163,12 +176,12 @@ class _Step(torch.nn.Module):
 
     def run(self, input_ids, position_ids, write_at, bias, cache, last_only: bool):
         extra = {"logits_to_keep": 1} if last_only and self.keep_kw else {}
+        read = bias.shape[-1]  # the mask spans the cache positions attention reads
         bias = self.per_layer_type(bias, write_at)
         out = self.model(input_ids=input_ids, attention_mask=bias, position_ids=position_ids,
-                         use_cache=True, **{self.cache_kw: _cache_of(cache, write_at)}, **extra)
+                         use_cache=True, **{self.cache_kw: _cache_of(cache, write_at, read)}, **extra)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1:] if last_only and not extra else logits
-
 
     def per_layer_type(self, bias: torch.Tensor, write_at: torch.Tensor):
         """A model with sliding-window layers (config.layer_types) takes a mask per layer type, as
@@ -185,12 +198,10 @@ class _Step(torch.nn.Module):
 
 class _Prefill(_Step):
     def forward(self, input_ids, attention_mask, cache):
-        s, length = input_ids.shape[1], cache[0].shape[2]
+        s = input_ids.shape[1]
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        key = torch.arange(length, device=input_ids.device)
-        query = torch.arange(s, device=input_ids.device)
-        valid = torch.nn.functional.pad(attention_mask.bool(), (0, length - s))  # [B, L]
-        allowed = (key[None, :] <= query[:, None])[None, None] & valid[:, None, None, :]
+        query = torch.arange(s, device=input_ids.device)  # = the keys: attention reads cache positions 0..S-1
+        allowed = (query[None, :] <= query[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
         dtype = cache[0].dtype
         bias = torch.where(allowed, torch.zeros((), dtype=dtype, device=input_ids.device),
                            torch.full((), torch.finfo(dtype).min, dtype=dtype, device=input_ids.device))

@@ -10,7 +10,10 @@ The cache is allocated once per Decoder ([max_batch, kv_heads, max_cache_len, he
 and K/V); each call feeds views of its first B rows, and the graphs write them in place, so the
 buffers' `data_ptr` never changes and a step allocates nothing cache-sized. Positions and the
 additive attention mask over the cache are kept here (one [B, 1, 1, L] mask per call; a step
-unmasks one column).
+unmasks one column). A step passes the mask's first P columns, P = `read_length(filled, L)`: the
+filled length rounded up to a power of two (at least MIN_READ, at most L). The decode Program
+attends over those P cache positions only, so a short generation does not pay for the whole cache,
+and the graph sees a few distinct sizes (log2(L / MIN_READ) + 1 of them).
 
 It never builds or rewrites a graph, and never calls the original model: only the lowered Programs.
 """
@@ -32,6 +35,13 @@ UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, 
                "bad_words_ids": None, "force_words_ids": None, "assistant_model": None,
                "output_scores": False, "output_logits": False, "return_dict_in_generate": False}
 IGNORED = {"use_cache", "generation_config"}  # accepted: a compiled decoder always uses its cache
+MIN_READ = 16  # the smallest number of cache positions a decode step attends over
+
+
+def read_length(filled: int, max_cache_len: int) -> int:
+    """How many cache positions a decode step reads when the first `filled` are in use: the next
+    power of two >= filled (and >= MIN_READ), at most max_cache_len."""
+    return min(max_cache_len, max(MIN_READ, 1 << (filled - 1).bit_length()))
 
 
 @dataclass
@@ -119,7 +129,7 @@ class Decoder:
                 at = prompt + step
                 bias[..., at] = 0.0
                 logits = self._decode([token[:, None], position, torch.tensor([at], device=input_ids.device),
-                                       bias, *cache])
+                                       bias[..., :read_length(at + 1, length)], *cache])
                 position = position + 1
         t2 = time.perf_counter()
         if streamer is not None:

@@ -1,5 +1,6 @@
 """compiled.generate on one device (issue 13): greedy tokens equal Hugging Face's generate, left
-padding, sampling, the cache stays in place, one prefill and one decode capture, errors."""
+padding, sampling, the cache stays in place, one prefill and one decode capture, a decode step
+attends over a bucketed prefix of the cache only, errors."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from unittest import mock
 import meshc
 import meshc.capture_decode
 import meshc.driver
+import meshc.runtime.generate
 import pytest
 import torch
 from meshc.errors import InputError, MeshcError
 from meshc.models import load_model
+from meshc.runtime.generate import read_length
 
 NEW = 32
 CACHE = 64
@@ -101,6 +104,66 @@ def test_one_prefill_and_one_decode_capture_through_the_pipeline(lm):
         assert p.history == compiled.program.history == ["dce", "propagate_shapes", "lint"]
         writes = [n for n in p.graph.nodes if n.target is torch.ops.aten.index_copy_.default]
         assert len(writes) == len(programs.layout.kv_shapes) * 2  # K and V of every layer, in place
+
+
+def test_decode_attends_over_the_first_p_cache_positions_only(lm):
+    """Every attention of the decode Program reads keys/values of the mask's length P (a symbolic
+    slice of the cache), and what lies past P in the cache, even NaN, does not reach the logits;
+    with a mask over the whole cache the same NaN does (so the check can fail)."""
+    _, _, compiled, _ = lm
+    decoder = compiled.decoder
+    decode = decoder.programs.decode
+    mask = next(n for n in decode.placeholders("user") if n.meta["meshc_name"] == "args[3]")
+    p = mask.meta["val"].shape[3]
+    attention = [n for n in decode.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(attention) == len(decoder.layout.kv_shapes)
+    for node in attention:
+        key, value = (node.args[i].meta["val"].shape[2] for i in (1, 2))
+        assert str(key) == str(value) == str(p), (node.name, key, value, p)
+    ids, read, length = torch.tensor([[5, 6, 7, 8, 9]]), 16, decoder.layout.max_cache_len
+    cache = [c[:1] for c in decoder.cache]
+    minimum = torch.finfo(decoder.layout.dtype).min
+
+    def step(columns: int) -> torch.Tensor:
+        bias = torch.full((1, 1, 1, columns), minimum, dtype=decoder.layout.dtype)
+        bias[..., :6] = 0.0
+        return decoder._decode([torch.tensor([[10]]), torch.tensor([[5]]), torch.tensor([5]), bias, *cache])
+
+    try:
+        with torch.no_grad():
+            decoder._prefill([ids, torch.ones_like(ids), *cache])
+            clean = step(read)
+            for c in cache:
+                c[:, :, read:] = float("nan")
+            garbage, whole = step(read), step(length)
+    finally:
+        for c in decoder.cache:
+            c.zero_()
+    assert torch.isfinite(clean).all() and torch.equal(garbage, clean)
+    assert torch.isnan(whole).any()
+
+
+def test_a_step_reads_the_filled_length_rounded_up_to_a_bucket(lm, monkeypatch):
+    """Decode steps pass a mask of read_length(filled) columns: powers of two from 16, capped at
+    max_cache_len; the tokens are those of the whole-cache reads the buckets replace."""
+    assert [read_length(n, 1024) for n in (1, 16, 17, 33, 1000)] == [16, 16, 32, 64, 1024]
+    assert [read_length(n, 48) for n in (5, 20, 40, 48)] == [16, 32, 48, 48]
+    _, _, compiled, _ = lm
+    decoder, sizes = compiled.decoder, []
+    decode = decoder._decode
+
+    def recording(flat):
+        sizes.append(flat[3].shape[-1])
+        return decode(flat)
+
+    monkeypatch.setattr(decoder, "_decode", recording)
+    out = compiled.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=40, eos_token_id=[])
+    filled = range(4, 3 + 40)  # a step writes position 3 + step and reads positions < filled
+    assert sizes == [16 if n <= 16 else 32 if n <= 32 else 64 for n in filled] == [read_length(n, CACHE)
+                                                                                   for n in filled]
+    monkeypatch.setattr(meshc.runtime.generate, "read_length", lambda filled, length: length)
+    assert torch.equal(compiled.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=40, eos_token_id=[]), out)
+    assert sizes[-1] == CACHE
 
 
 def test_sampling_is_reproducible_and_respects_top_k(lm):
