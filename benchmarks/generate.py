@@ -10,7 +10,9 @@ number of new tokens (no early stop):
 
     (a) HF eager `model.generate(do_sample=False)`, its default dynamic cache
     (b) HF with a static cache + `torch.compile(model.forward)` (gpt-fast's recipe; first call timed apart)
-    (c) meshc `compiled.generate` on one device (a static cache of `--context` positions)
+    (c) meshc `compiled.generate` on one device (a static cache of `--context` positions; a decode
+        step attends over the filled prefix rounded up to a power of two, as HF's dynamic cache
+        attends over the filled positions)
     (d) meshc on a gloo `--mesh` (tp=2: two processes, the cache sharded with the heads)
     (e) DTensor `parallelize_module` (Megatron plan) on the same mesh, running HF generate
 
