@@ -90,7 +90,7 @@ def compile(  # noqa: A001 - the public name is meshc.compile
     if resolved.schedule is not None:
         from meshc.runtime.pipeline import pipeline_model
 
-        compiled = pipeline_model(program, device_mesh, resolved.schedule, backend)
+        compiled = pipeline_model(program, device_mesh, resolved.schedule, backend, zero=zero)
     else:
         if device_mesh is not None:
             from meshc.runtime.mesh import bind

@@ -7,7 +7,8 @@ parameters' placements on dp and their gradients' reductions; with `mixed_precis
 `compute_dtype` option, which train_step's autocast reads), before `lint`. The resulting
 Program is what `CompiledModel.train_step` differentiates (`meshc.runtime.training`). A pp mesh
 already trains through the pipeline runtime (its resolver adds the differentiable collectives);
-ZeRO on it is not implemented yet, which is an error here, before capture.
+zero=1/2 there shard the optimizer state (and gradients) over its dp dim at run time
+(`meshc.runtime.pipeline_zero`); zero=3 there is not implemented yet, an error here, before capture.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ def training_pipeline(pipeline: str, mesh: MeshSpec, zero: int = 0, mixed_precis
     if mixed_precision is not None and mixed_precision not in MIXED_PRECISION:
         raise MeshcError(f"mixed_precision={mixed_precision!r} is not known; use one of {', '.join(MIXED_PRECISION)} "
                          f"or None (fp32)")
-    if mesh.pp > 1:
-        if mixed_precision:
-            raise MeshcError(f"mixed_precision on a pp mesh ('{mesh}') is not implemented yet")
-        if zero:
-            raise MeshcError(f"zero={zero} on a pp mesh ('{mesh}') is not implemented yet; the pipeline runtime "
-                             f"trains with zero=0 (PipelineModel.train_step)")
-        return pipeline
     if zero and mesh.dp <= 1:
         raise MeshcError(f"zero={zero} shards over the 'dp' dim, but mesh '{mesh}' has none; use zero=0 or a mesh "
                          f"with dp>1 such as 'dp=2'")
+    if mesh.pp > 1:
+        if mixed_precision:
+            raise MeshcError(f"mixed_precision on a pp mesh ('{mesh}') is not implemented yet")
+        if zero == 3:
+            raise MeshcError(f"zero=3 on a pp mesh ('{mesh}') is not implemented yet; the pipeline runtime "
+                             f"trains with zero=0, 1 or 2 (PipelineModel.train_step)")
+        return pipeline
     names = [c.name for c in parse_pipeline(pipeline)]
     added = [] if "differentiable_collectives" in names else ["differentiable_collectives"]
     dtype = f",compute_dtype={MIXED_PRECISION[mixed_precision]}" if mixed_precision else ""

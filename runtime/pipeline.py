@@ -54,7 +54,7 @@ from meshc.schedules import Action, Schedule
 
 class PipelineModel(Generates, torch.nn.Module):
     def __init__(self, program: Program, schedule: Schedule, device_mesh: Any = None, *,
-                 backend: str = "aten", timeout: float | None = None):
+                 backend: str = "aten", timeout: float | None = None, zero: int = 0):
         super().__init__()
         mesh = program.mesh
         extra = [f"{n}={s}" for n, s in zip(mesh.names, mesh.sizes) if n not in (PP, TP, DP) and s > 1]
@@ -78,7 +78,7 @@ class PipelineModel(Generates, torch.nn.Module):
         self.tp, self.dp = mesh.tp, mesh.dp
         self.last = schedule.num_stages - 1
         self.local = {s: self.split.stages[s] for s in schedule.rank_stages(self.pp_rank)}
-        self.requested_backend = backend
+        self.requested_backend, self.zero_stage = backend, zero  # zero=1/2 on dp: `meshc.runtime.pipeline_zero`
         self.rebind()
         self.pp_group = device_mesh.get_group(PP) if device_mesh is not None and schedule.pp > 1 else None
         self.tp_group = device_mesh.get_group(TP) if device_mesh is not None and self.tp > 1 else None
@@ -111,6 +111,7 @@ class PipelineModel(Generates, torch.nn.Module):
         from meshc.backends import lower
 
         self._state, self.params = self._local_state()
+        self._zero = None  # made on first use, over these parameters
         self._run: dict[int, Any] = {}
         for s, st in self.local.items():
             st.program.state.update({n: self._state[n] for n in st.state})
@@ -119,6 +120,22 @@ class PipelineModel(Generates, torch.nn.Module):
     def local_parameters(self) -> dict[str, torch.Tensor]:
         """This rank's trainable tensors by the model's FQN (tied weights under each name)."""
         return {self.program.fqn(name): t for name, t in self.params.items()}
+
+    def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
+        """A `cls` optimizer over this rank's parameters (zero=1/2: its flat dp blocks; the step
+        all-gathers the updated blocks)."""
+        if self.zero_stage:
+            return self.zero.make_optimizer(cls, **options)
+        return cls(list({id(p): p for p in self.params.values()}.values()), **options)
+
+    @property
+    def zero(self):
+        if self._zero is None:
+            from meshc.runtime.pipeline_zero import PipelineZero
+
+            unique = list({id(p): p for p in self.params.values()}.values())
+            self._zero = PipelineZero(unique, self.zero_stage, self.program.mesh, self.program.rank)
+        return self._zero
 
     def _stage_params(self, s: int) -> list[torch.Tensor]:
         return list({id(t): t for n in self.local[s].state if (t := self.params.get(n)) is not None}.values())
@@ -287,7 +304,9 @@ class PipelineModel(Generates, torch.nn.Module):
                 dist.all_reduce(g, group=self.pp_group)  # ranks that do not read it contribute zeros
                 if mine is not None:
                     self._grads[id(mine)] = g
-        if self.dp_group is not None:  # the mean over replicas = accumulation over the whole batch
+        if self.zero_stage == 2:  # the mean over replicas, only this rank's block of it kept
+            self.zero.reduce_scatter(self._grads)
+        elif self.dp_group is not None:  # the mean over replicas = accumulation over the whole batch
             for p in {id(p): p for p in self.params.values()}.values():
                 g = self._grads.get(id(p), torch.zeros_like(p))
                 dist.all_reduce(g, group=self.dp_group)
@@ -331,14 +350,14 @@ def _grad(outputs: list, inputs: list, grads: list, retain: bool) -> list:
 
 
 def pipeline_model(program: Program, device_mesh: Any, schedule: Schedule, backend: str = "aten",
-                   timeout: float | None = None) -> PipelineModel:
+                   timeout: float | None = None, zero: int = 0) -> PipelineModel:
     """What `meshc.compile` returns for a mesh with a `pp` dim: ranks check they compiled the same
     program and the mesh's process groups are bound (`meshc.runtime.mesh.bind`), then this rank's
     stages are lowered."""
     from meshc.runtime.mesh import bind
 
     bind(program, device_mesh)
-    pipe = PipelineModel(program, schedule, device_mesh, backend=backend, timeout=timeout)
+    pipe = PipelineModel(program, schedule, device_mesh, backend=backend, timeout=timeout, zero=zero)
     # keep only what this rank's stages read (and shared weights, whose gradients it sums): the
     # rest is released here, and `meshc.load_checkpoint(pipe, folder)` reads only these tensors
     keep = set(pipe._state) | {n for group in pipe.split.shared_state for n in group}

@@ -29,6 +29,10 @@ def load_checkpoint(compiled, path: str | Path) -> None:
     `inv_freq`, ...) were recomputed at capture (`meshc.meta_buffers`) and are kept."""
     from safetensors import safe_open
 
+    if getattr(compiled, "_trainer", None) is not None:
+        raise MeshError("load_checkpoint replaces the weights a training run already holds (its optimizer would keep "
+                        "the old ones): call it right after meshc.compile, before make_optimizer or train_step; to "
+                        "resume training use load_sharded")
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {path}")
@@ -47,12 +51,14 @@ def load_checkpoint(compiled, path: str | Path) -> None:
 
 
 def _load_program(program, path: str | Path, index: dict[str, Path]) -> None:
+    from meshc.runtime.training import zero_held
     from safetensors import safe_open
 
     renamed = _hf_renames(program.model_name, path, index)
     coords = program.mesh.coords(program.rank)
     tied = {name: group for group in program.tied_groups() for name in group}
     loaded: dict[str, torch.Tensor] = {}
+    blocks: dict[int, torch.Tensor] = {}  # a training Program's ZeRO shards of the loaded tensors
     for node in program.placeholders():
         if node.name not in program.state or node.meta["meshc_input"] == "constant":
             continue
@@ -66,7 +72,7 @@ def _load_program(program, path: str | Path, index: dict[str, Path]) -> None:
         if key not in loaded:
             with safe_open(str(index[key]), framework="pt") as h:
                 loaded[key] = _read_local(h.get_slice(key), node, coords, program.mesh.sizes)
-        program.state[node.name] = loaded[key]
+        program.state.update(zero_held(program, node, loaded[key], blocks))
     _check_constants(program)
     missing = [program.fqn(n) for n, t in program.state.items() if t.is_meta]
     if missing:

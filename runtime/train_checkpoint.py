@@ -26,7 +26,7 @@ import torch.distributed as dist
 from meshc.errors import MeshcError
 from meshc.mesh import DP, MeshSpec
 from meshc.placement import Replicate, Shard, describe, local_shard, parse_placement
-from meshc.redistribute import flat_shard
+from meshc.runtime.training import flat_block
 
 
 def _barrier(program) -> None:
@@ -124,10 +124,7 @@ def load_sharded(compiled, optimizer, folder: str | Path) -> None:
             if pls else t
         if not owned or trainer.stage == 0:
             return local
-        padded, size = flat_shard(local.numel(), mesh.dp)
-        flat = torch.nn.functional.pad(local.reshape(-1), (0, padded - local.numel()))
-        c = mesh.coord(program.rank, DP)
-        return flat[c * size:(c + 1) * size]
+        return flat_block(local, mesh.dp, mesh.coord(program.rank, DP))
 
     with torch.no_grad():
         for s in trainer.slots:
@@ -155,7 +152,17 @@ def consolidate(folder: str | Path, model: torch.nn.Module, out: str | Path) -> 
     """Write a Hugging Face `save_pretrained` folder at `out` from the sharded checkpoint in `folder`."""
     _, full = read_full(folder)
     state = {k[len("param/"):]: v for k, v in full.items() if k.startswith("param/")}
+    tied: dict[int, list[str]] = {}  # the model's own tied parameters: the shards hold one name of each
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), []).append(name)
+    for names in tied.values():
+        have = next((n for n in names if n in state), None)
+        state.update({n: state[have] for n in names if have is not None and n not in state})
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise MeshcError(f"{folder} holds tensors {unexpected[:5]} that {type(model).__name__} does not have")
+    params = {n for names in tied.values() for n in names}
+    if missing := [n for n in missing if n in params]:
+        raise MeshcError(f"{folder} has no tensor for {len(missing)} parameter(s) of {type(model).__name__}, e.g. "
+                         f"{missing[:3]}: it was saved from another model (or a frozen parameter was not trained)")
     model.save_pretrained(str(out))

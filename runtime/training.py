@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from meshc.errors import MeshcError
+from meshc.errors import InputError, MeshcError
 from meshc.mesh import DP
 from meshc.placement import Replicate
 from meshc.program import trainable
@@ -73,6 +73,45 @@ def _unpack(packed):
 def _signature(values: list) -> tuple:
     """What a traced step specializes on: tensor shapes and dtypes, other values themselves."""
     return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def flat_block(t: torch.Tensor, n: int, coord: int, view: bool = False) -> torch.Tensor:
+    """Rank `coord`'s block of `t` flattened and sharded over `n` dp ranks (`flat_shard`): a copy
+    padded with zeros, or with `view` a view into `t` (the last ranks' may be shorter: no padding held)."""
+    padded, size = flat_shard(t.numel(), n)
+    if view:
+        return t.view(-1)[coord * size:(coord + 1) * size]
+    flat = t.detach().reshape(-1)
+    return torch.nn.functional.pad(flat, (0, padded - flat.numel()))[coord * size:(coord + 1) * size].clone()
+
+
+@torch.no_grad()
+def gather_blocks(pairs: list[tuple[torch.Tensor, torch.Tensor]], n: int, group) -> None:
+    """(this rank's updated flat block, the full tensor) pairs: one all-gather over the `n` dp
+    ranks of `group` (a bucket laid out n x padded blocks) writes every full tensor."""
+    sizes = [flat_shard(full.numel(), n)[1] for _, full in pairs]
+    bucket = torch.cat([torch.nn.functional.pad(block.detach().reshape(-1), (0, size - block.numel()))
+                        for (block, _), size in zip(pairs, sizes)])
+    c = _c10d()
+    gathered = c.wait_tensor(c.all_gather_into_tensor(bucket, n, group)).view(n, -1)
+    offset = 0
+    for (_, full), size in zip(pairs, sizes):
+        full.copy_(gathered[:, offset:offset + size].reshape(-1)[:full.numel()].view(full.shape))
+        offset += size
+
+
+def zero_held(program, node, local: torch.Tensor, blocks: dict) -> dict[str, torch.Tensor]:
+    """Placeholder -> tensor for a trainable placeholder whose full (tp-local) value `local` was
+    just loaded, held as the zero pass holds it (`meta['meshc_zero']`): zero=0/1 the tensor
+    itself; zero=2 this rank's flat dp block, a view into the full copy ('<name>_full'); zero=3
+    the padded block alone. `blocks` (key -> block) keeps tied placeholders on one tensor."""
+    info = node.meta.get("meshc_zero")
+    if not info or info["stage"] < 2:
+        return {node.name: local}
+    key = id(local)
+    if key not in blocks:
+        blocks[key] = flat_block(local, info["dp"], program.mesh.coord(program.rank, DP), view=info["stage"] == 2)
+    return {node.name: blocks[key], **({info["full"]: local} if info["stage"] == 2 else {})}
 
 
 class Trains:
@@ -178,6 +217,7 @@ class Trainer:
     def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         flat = self.program.bind_inputs(args, kwargs or {})
+        self._check_batch(flat)
         state = self.program.state_args()
         if self.aot:
             loss, grads = self.training_graph(inputs, target, loss_fn, kwargs)(state, flat, target)
@@ -186,6 +226,15 @@ class Trainer:
         for s, g in zip(self.slots, grads):
             s.leaf.grad = g if s.leaf.grad is None else s.leaf.grad + g
         return loss
+
+    def _check_batch(self, flat: list) -> None:
+        """dp splits dim 0 of every batched tensor input (`meshc.plan`): it must divide."""
+        for node, t in zip(self.program.placeholders("user"), flat):
+            if (self.dp > 1 and isinstance(t, torch.Tensor) and t.dim() > 0 and not node.meta.get("meshc_unbatched")
+                    and t.shape[0] % self.dp):
+                raise InputError(f"input {node.meta['meshc_name']}: batch of {t.shape[0]} does not divide over the "
+                                 f"mesh's data-parallel size {self.dp} (mesh '{self.program.mesh}'), which splits it; "
+                                 f"pass a batch (and, accumulating, every micro-batch) that is a multiple of {self.dp}")
 
     def training_graph(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
         """The per-rank training-step graph for inputs and a target of these shapes: forward, loss,
@@ -268,25 +317,12 @@ class Trainer:
                 s.leaf.grad = None
 
     def _flat_slice(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's block of flat `t` (a view; the last ranks' may be shorter: no padding held)."""
-        size = flat_shard(t.numel(), self.dp)[1]
-        return t.view(-1)[self.dp_coord * size:(self.dp_coord + 1) * size]
+        return flat_block(t, self.dp, self.dp_coord, view=True)
 
-    @torch.no_grad()
     def _after_step(self) -> None:
         """zero=1/2: all-gather every updated shard (one bucket) into the full parameters."""
-        if self.stage not in (1, 2):
-            return
-        sizes = [flat_shard(s.full.numel(), self.dp)[1] for s in self.slots]
-        bucket = torch.cat([torch.nn.functional.pad(s.shard.detach().reshape(-1), (0, size - s.shard.numel()))
-                            for s, size in zip(self.slots, sizes)])
-        c = _c10d()
-        gathered = c.wait_tensor(c.all_gather_into_tensor(bucket, self.dp, self.dp_group)).view(self.dp, -1)
-        offset = 0
-        for s, size in zip(self.slots, sizes):
-            whole = gathered[:, offset:offset + size].reshape(-1)[:s.full.numel()]
-            s.full.copy_(whole.view(s.full.shape))
-            offset += size
+        if self.stage in (1, 2):
+            gather_blocks([(s.shard, s.full) for s in self.slots], self.dp, self.dp_group)
 
     # ---- gradient clipping ----------------------------------------------------------------------
     @torch.no_grad()

@@ -19,26 +19,26 @@ VOCAB = {"reference-lm": 256}  # token ids below the model's vocabulary (default
 STEPS_OF = {"reference-lm": 5}  # the 6.5M-parameter byte LM: 5 steps
 
 
-def batches(step: int, vocab: int = 512):
+def batches(step: int, vocab: int = 512, batch: int = BATCH):
     """The step's micro-batches: odd steps accumulate two halves (gradient accumulation)."""
     g = torch.Generator().manual_seed(100 + step)
-    ids, target = torch.randint(0, vocab, (BATCH, SEQ), generator=g), torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    ids, target = torch.randint(0, vocab, (batch, SEQ), generator=g), torch.randint(0, vocab, (batch, SEQ), generator=g)
     if step % 2 == 0:
         return [(ids, target)]
-    h = BATCH // 2
+    h = batch // 2
     return [(ids[:h], target[:h]), (ids[h:], target[h:])]
 
 
-def reference(model_name: str, halves: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(model_name: str, halves: bool = False, batch: int = BATCH) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Plain single-process training: losses per step (mean over micro-batches) and final
     parameters. `halves`: every micro-batch accumulated as two halves (another summation order)."""
     from meshc.models import load_model
 
-    model = load_model(model_name, batch=BATCH, seq=SEQ).model
+    model = load_model(model_name, batch=batch, seq=SEQ).model
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS_OF.get(model_name, STEPS)):
-        mbs = batches(step, VOCAB.get(model_name, 512))
+        mbs = batches(step, VOCAB.get(model_name, 512), batch)
         if halves:
             mbs = [(i[j:j + len(i) // 2], t[j:j + len(i) // 2]) for i, t in mbs for j in (0, len(i) // 2)]
         total = 0.0
@@ -53,11 +53,11 @@ def reference(model_name: str, halves: bool = False) -> tuple[list[float], dict[
     return losses, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
-def train(compiled, model_name: str = "llama-tiny") -> list[float]:
+def train(compiled, model_name: str = "llama-tiny", batch: int = BATCH) -> list[float]:
     opt = compiled.make_optimizer(torch.optim.AdamW, lr=LR)
     losses = []
     for step in range(STEPS_OF.get(model_name, STEPS)):
-        mbs = batches(step, VOCAB.get(model_name, 512))
+        mbs = batches(step, VOCAB.get(model_name, 512), batch)
         total, k = 0.0, len(mbs)
 
         def mean_loss(out, target, k=k):
@@ -72,7 +72,7 @@ def train(compiled, model_name: str = "llama-tiny") -> list[float]:
     return losses
 
 
-def _stages_rank(device_mesh, model_name: str, stages: list[int]):
+def _stages_rank(device_mesh, model_name: str, stages: list[int], batch: int = BATCH):
     """Every rank: capture once, then for each ZeRO stage the pipeline `compile(training=True,
     zero=stage)` runs, on fresh copies of the captured weights; 20 steps; losses and the full parameters."""
     import meshc
@@ -84,7 +84,7 @@ def _stages_rank(device_mesh, model_name: str, stages: list[int]):
     from meshc.training import training_pipeline
 
     torch.set_num_threads(1)
-    loaded = load_model(model_name, batch=BATCH, seq=SEQ)
+    loaded = load_model(model_name, batch=batch, seq=SEQ)
     spec = MeshSpec.parse(device_mesh)
     captured = meshc.capture(loaded.model, loaded.example_inputs, loaded.example_kwargs, dynamic_shapes="auto",
                              mesh=spec)
@@ -99,7 +99,7 @@ def _stages_rank(device_mesh, model_name: str, stages: list[int]):
         if device_mesh is not None:
             bind(program, device_mesh)
         compiled = CompiledModel(program, "aten")
-        losses = train(compiled, model_name)
+        losses = train(compiled, model_name, batch)
         full = {n: t.numpy().copy() for n, t in compiled.trainer.full_parameters().items()}  # plain arrays
         # on a tp dim: rank 0's tp shards, and where they sit (the reference is cut the same way)
         where = ({program.fqn(n.name): n.meta.get("meshc_placement") for n in program.placeholders()},
@@ -108,7 +108,7 @@ def _stages_rank(device_mesh, model_name: str, stages: list[int]):
     return out
 
 
-def check(model_name: str, per_rank: list[dict], stages, exact: bool = False) -> None:
+def check(model_name: str, per_rank: list[dict], stages, exact: bool = False, batch: int = BATCH) -> None:
     """Losses equal plain training (rtol 1e-5, atol 1e-7) on every rank. Parameters: `exact`
     (one device, same arithmetic) to rtol 1e-5, atol 1e-7; on a dp mesh, whose gradient sums run
     in another order, no further from plain training than plain training itself moves when only
@@ -117,8 +117,8 @@ def check(model_name: str, per_rank: list[dict], stages, exact: bool = False) ->
     from meshc.models import load_model
     from meshc.placement import local_shard
 
-    ref_losses, ref_params = reference(model_name)
-    atol = 1e-7 if exact else 4 * summation_control(model_name, ref_params)
+    ref_losses, ref_params = reference(model_name, batch=batch)
+    atol = 1e-7 if exact else 4 * summation_control(model_name, ref_params, batch)
     names = {n for n, _ in load_model(model_name).model.named_parameters()}
     for stage in stages:
         for results in per_rank:  # the same loss on every rank
@@ -136,10 +136,10 @@ def check(model_name: str, per_rank: list[dict], stages, exact: bool = False) ->
                                        msg=lambda m, s=stage, n=name: f"zero={s} {n}: {m}")
 
 
-def summation_control(model_name: str, ref_params: dict) -> float:
+def summation_control(model_name: str, ref_params: dict, batch: int = BATCH) -> float:
     """Max |parameter - plain| after plain training with every micro-batch accumulated as two
     halves: the same mathematics, another order of summation (what dp changes)."""
-    _, params = reference(model_name, halves=True)
+    _, params = reference(model_name, halves=True, batch=batch)
     return max(float((params[n] - p).abs().max()) for n, p in ref_params.items())
 
 
@@ -183,7 +183,8 @@ def test_more_meshes_every_zero_stage_equals_plain_training(mesh):
     from meshc.runtime import launch
 
     stages = [0, 1, 2, 3] if "dp" in mesh else [0]
-    check("llama-tiny", launch(_stages_rank, mesh, "llama-tiny", stages, timeout=800), stages)
+    batch = 2 * BATCH if mesh == "dp=4" else BATCH  # each accumulated half-batch divides over dp=4
+    check("llama-tiny", launch(_stages_rank, mesh, "llama-tiny", stages, batch, timeout=800), stages, batch=batch)
 
 
 # ---- the public path, schedulers, errors (the MLP: seconds) -------------------------------------------
@@ -218,7 +219,12 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
         lrs.append(opt.param_groups[0]["lr"])
     x, = load_model("mlp", batch=4, seq=8).example_inputs
     code = compiled.training_graph((x,), x, torch.nn.functional.mse_loss).code if aot else ""
-    return losses, lrs, compiled.report, len(regathers), code
+    try:  # a batch dp does not divide: a clear error before any collective
+        compiled.train_step((x[:3],), x[:3], torch.nn.functional.mse_loss)
+        batch_error = None
+    except meshc.InputError as e:
+        batch_error = str(e)
+    return losses, lrs, compiled.report, len(regathers), code, batch_error
 
 
 def _mlp_reference():
@@ -248,10 +254,13 @@ def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_trainin
     from meshc.runtime import launch
 
     ref = _mlp_reference()
-    for losses, lrs, report, regathers, code in launch(_mlp_public_rank, "dp=2", 3, False, pipeline, aot,
-                                                       timeout=150):
+    for losses, lrs, report, regathers, code, batch_error in launch(_mlp_public_rank, "dp=2", 3, False, pipeline,
+                                                                    aot, timeout=150):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
         assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
+        assert batch_error == ("input args[0]: batch of 3 does not divide over the mesh's data-parallel size 2 (mesh "
+                               "'dp=2'), which splits it; pass a batch (and, accumulating, every micro-batch) that "
+                               "is a multiple of 2"), batch_error
         assert "zero: stage 3 on dp=2: 6 parameters" in report
         assert "zero: parameters bucketed per layer into 3 collectives each way" in report
         # recompute: the weights backward saves are gathered again each step: mid's and down's (up's
@@ -283,8 +292,11 @@ def test_misuse_is_a_clear_error():
 
     with pytest.raises(MeshcError, match=r"zero=2 shards over the 'dp' dim, but mesh 'tp=2' has none"):
         training_pipeline("dce,spmd_partition,lint", MeshSpec.parse("tp=2"), 2)
-    with pytest.raises(MeshcError, match=r"zero=1 on a pp mesh .* not implemented yet"):
-        training_pipeline("dce,lint", MeshSpec.parse("dp=2,pp=2"), 1)
+    with pytest.raises(MeshcError, match=r"zero=3 on a pp mesh .* not implemented yet"):
+        training_pipeline("dce,lint", MeshSpec.parse("dp=2,pp=2"), 3)
+    with pytest.raises(MeshcError, match=r"zero=1 shards over the 'dp' dim, but mesh 'pp=2' has none"):
+        training_pipeline("dce,lint", MeshSpec.parse("pp=2"), 1)
+    assert training_pipeline("dce,lint", MeshSpec.parse("dp=2,pp=2"), 2) == "dce,lint"  # the runtime's (pipeline_zero)
     with pytest.raises(MeshcError, match=r"zero=5 is not a ZeRO stage"):
         training_pipeline("dce,lint", MeshSpec.parse("dp=2"), 5)
     assert training_pipeline("dce,spmd_partition,lint", MeshSpec.parse("dp=2"), 3) == \
@@ -353,6 +365,153 @@ def test_sharded_checkpoint_resumes_on_another_stage_and_dp_size(tmp_path):
     one.load_sharded(tmp_path, opt)
     torch.testing.assert_close(torch.tensor(_mlp_steps(one, opt, range(3, 6))), torch.tensor(after),
                                rtol=1e-5, atol=1e-7)
+
+
+def _consolidate_rank(device_mesh, model_name: str, folder: str):
+    """dp=2 zero=3: 3 steps, save the shards; the compiled model's logits after training."""
+    import meshc
+    from meshc.models import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(model_name, batch=BATCH, seq=SEQ)
+    compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
+                             example_kwargs=loaded.example_kwargs, training=True, zero=3)
+    opt = compiled.make_optimizer(torch.optim.AdamW, lr=LR)
+    for step in range(3):
+        for ids, target in batches(step):
+            compiled.train_step((ids,), target, loss_fn, {"use_cache": False})
+        opt.step()
+        opt.zero_grad()
+    compiled.save_sharded(folder, opt)
+    with torch.no_grad():  # a plain array: a tensor would travel as shared memory its exited rank frees
+        return compiled(loaded.example_inputs[0], use_cache=False).logits.numpy().copy()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("model_name", ["llama-tiny", "gpt2-tiny"])  # gpt2: lm_head tied to the embedding
+def test_consolidated_shards_load_into_hugging_face_with_the_trained_logits(tmp_path, model_name):
+    """A model trained 3 steps on dp=2 zero=3 consolidates (into a model built on 'meta') to a
+    save_pretrained folder that from_pretrained loads and that gives the compiled model's logits."""
+    from meshc.models import load_model
+    from meshc.runtime import launch
+    from meshc.runtime.train_checkpoint import consolidate
+
+    logits = launch(_consolidate_rank, "dp=2", model_name, str(tmp_path / "shards"), timeout=300)
+    plain = load_model(model_name, batch=BATCH, seq=SEQ)
+    with torch.device("meta"):
+        empty = type(plain.model)(plain.model.config)
+    consolidate(tmp_path / "shards", empty, tmp_path / "hf")
+    hf = type(plain.model).from_pretrained(tmp_path / "hf").eval()
+    ids = plain.example_inputs[0]
+    with torch.no_grad():
+        got, before = hf(ids, use_cache=False).logits, plain.model(ids, use_cache=False).logits
+    for rank_logits in logits:
+        torch.testing.assert_close(got, torch.from_numpy(rank_logits), rtol=1e-5, atol=1e-5)
+    assert (got - before).abs().max() > 1e-3  # the trained weights, not the initial ones
+    if model_name == "gpt2-tiny":
+        assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+
+
+def _from_checkpoint_rank(device_mesh, folder: str, stages: list[int]):
+    """Per ZeRO stage: a model built on 'meta' from the folder's config, compiled for training,
+    filled by meshc.load_checkpoint, and the same model built on CPU by from_pretrained; 3
+    steps each. (on_meta_before, losses, parameters) of each."""
+    import meshc
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(1)
+    ids = batches(0)[0][0]
+    out = {}
+    for stage in stages:
+        runs = []
+        for on_meta in (True, False):
+            if on_meta:
+                with torch.device("meta"):
+                    model = LlamaForCausalLM(LlamaConfig.from_pretrained(folder)).eval()
+            else:
+                model = LlamaForCausalLM.from_pretrained(folder).eval()
+            compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs={"use_cache": False},
+                                     training=True, zero=stage)
+            on_meta_before = any(t.is_meta for t in compiled.program.state.values())
+            if on_meta:
+                meshc.load_checkpoint(compiled, folder)
+            opt = compiled.make_optimizer(torch.optim.AdamW, lr=LR)
+            losses = []
+            for step in range(3):
+                losses.append(sum(float(compiled.train_step((i,), t, loss_fn, {"use_cache": False}))
+                                  for i, t in batches(step)))
+                opt.step()
+                opt.zero_grad()
+            params = {n: t.numpy().copy() for n, t in compiled.trainer.full_parameters().items()}  # plain arrays
+            runs.append((on_meta_before, losses, params))
+        out[stage] = runs
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hugging_face_checkpoint_loads_into_a_meta_built_training_model(tmp_path):
+    """meta-built + load_checkpoint, then dp=2 zero=2/3 training, equals the CPU-built model's
+    training exactly (zero=2 holds a full copy beside the shard, zero=3 only the shard)."""
+    from meshc.models import load_model
+    from meshc.runtime import launch
+
+    load_model("llama-tiny").model.save_pretrained(tmp_path)
+    for per_stage in launch(_from_checkpoint_rank, "dp=2", str(tmp_path), [2, 3], timeout=500):
+        for stage, ((meta_before, meta_losses, meta_params), (cpu_before, cpu_losses, cpu_params)) in per_stage.items():
+            assert meta_before and not cpu_before, stage
+            assert meta_losses == cpu_losses, (stage, meta_losses, cpu_losses)
+            assert meta_params.keys() == cpu_params.keys()
+            for name, p in meta_params.items():
+                assert (p == cpu_params[name]).all(), (stage, name)
+
+
+def _pp_zero_rank(device_mesh, stages: list[int]):
+    """dp=2,pp=2, MLP: per ZeRO stage, 6 AdamW steps through the pipeline runtime; losses, this
+    rank's parameters, and the optimizer state's and the parameters' element counts."""
+    out = {}
+    for zero in stages:
+        compiled, opt = _mlp_compiled(device_mesh, zero)
+        losses = _mlp_steps(compiled, opt, range(6))
+        params = {n: p.detach().numpy().copy() for n, p in compiled.local_parameters().items()}
+        state = sum(v.numel() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+        out[zero] = losses, params, state, sum(p.size for p in params.values())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_zero1_and_zero2_on_the_pipelines_dp_dim_train_like_plain_training():
+    from meshc.models import load_model
+    from meshc.runtime import launch
+
+    model = load_model("mlp").model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref = []
+    for step in range(6):
+        x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
+        loss = torch.nn.functional.mse_loss(model(x), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref.append(float(loss))
+    plain = dict(model.named_parameters())
+    for per_stage in launch(_pp_zero_rank, "dp=2,pp=2", [0, 1, 2], timeout=300):
+        for zero, (losses, params, state, numel) in per_stage.items():
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, z=zero: f"zero={z} losses: {m}")
+            assert params, zero  # every pp rank holds some layers
+            for name, p in params.items():
+                # zero=1/2 do zero=0's arithmetic (a sum of two, elementwise AdamW on blocks): equal;
+                # zero=0 moves from plain training by what dp's summation order moves (2.3e-5 measured:
+                # AdamW divides by sqrt(v), so a nearly cancelled gradient's rounding shows)
+                torch.testing.assert_close(torch.from_numpy(p), torch.from_numpy(per_stage[0][1][name]), rtol=0,
+                                           atol=0, msg=lambda m, z=zero, n=name: f"zero={z} vs zero=0 {n}: {m}")
+                torch.testing.assert_close(torch.from_numpy(p), plain[name].detach(), rtol=1e-5, atol=1e-4,
+                                           msg=lambda m, z=zero, n=name: f"zero={z} {n}: {m}")
+            # AdamW's two moments: of every parameter (zero=0), of this rank's half (zero=1/2)
+            assert state == (2 * numel if zero == 0 else sum(2 * -(-p.size // 2) for p in params.values())), zero
 
 
 def test_meshc_show_prints_the_zero3_schedule(capsys):
