@@ -24,7 +24,9 @@ of every weight-reading node's output (graph kept); W is then each reader's loca
 dq -> dweight (formulas in `pipeline_weight_grads`; where that is not exact, W differentiates
 the whole stage w.r.t. the weights again). Gradients of a step are collected,
 summed over tp for replicated parameters and over pp ranks for tensors several stages read (tied
-weights), then added to `.grad` of the local parameters (`local_parameters()`).
+weights), then added to `.grad` of the local parameters (`local_parameters()`). `make_optimizer`
+gives a torch optimizer over them; compiled with zero=1/2, over this dp rank's flat blocks of them
+instead, with the dp reduction and the after-step all-gather of `meshc.runtime.pipeline_zero`.
 
 `pipeline_model(program, device_mesh, schedule)` is what `meshc.compile` returns on a pp mesh; it
 keeps in `program.state` only the tensors this rank's stages read, so `meshc.load_checkpoint`

@@ -10,8 +10,10 @@ Entry points (every rank calls them; collectives inside):
   files of the saving mesh, then keep this rank's part under its own mesh and stage: another dp
   size or stage resumes the same training. Parameters tp-sharded with `Shard(d)` or replicated
   are supported (not the interleaved q|k|v shards of GPT-2's fused projections).
-* `consolidate(folder, model, out)` — the full tensors into `model` (built on any device) and
-  `model.save_pretrained(out)`: a Hugging Face folder from the shards.
+* `consolidate(folder, model, out)` — the full tensors into `model` (built on any device, `meta`
+  included; a tied parameter takes the one name the shards hold) and `model.save_pretrained(out)`:
+  a Hugging Face folder from the shards. (An HF folder into a training model: `meshc.load_checkpoint`
+  right after compile, which keeps each tensor as the ZeRO stage holds it, `training.zero_held`.)
 
 Reading rebuilds whole tensors from every file: meant for models that fit one host's memory.
 """
