@@ -87,6 +87,7 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
         p.model_name = type(model).__name__
         for node in p.placeholders("user")[-len(ex):]:  # the cache: held by the runtime, written in place
             node.meta["meshc_held"] = (0, 1)  # [batch, heads, max_cache_len, head_dim]
+        _batch_from_ids(p)
         for node in p.placeholders("user"):
             if node.meta["meshc_name"] == "args[2]" and p is decode:  # cache_position [T]
                 node.meta["meshc_unbatched"] = True
@@ -96,6 +97,17 @@ def capture_decode(model: torch.nn.Module, max_batch_size: int, max_cache_len: i
             elif node.meta["val"].is_leaf and node.meta["val"].requires_grad:
                 node.meta["val"].requires_grad_(False)  # tracing the writes marked the cache as needing grad
     return DecodePrograms(prefill, decode, layout)
+
+
+def _batch_from_ids(program: Program) -> None:
+    """torch.export may read the batch size from any input that has it, a cache tensor too; read it
+    from input_ids instead, so each cache tensor's only reader is its layer's write (a pp stage then
+    never reads another stage's layers' cache)."""
+    ids = program.placeholders("user")[0]
+    for node in program.graph.nodes:
+        if node.target is torch.ops.aten.sym_size.int and "meshc_held" in node.args[0].meta and node.args[1] == 0:
+            node.args = (ids, 0)  # the cache's other dims are static
+    program.gm.recompile()
 
 
 def _example_read(max_cache_len: int) -> int:

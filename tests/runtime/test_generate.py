@@ -104,6 +104,9 @@ def test_one_prefill_and_one_decode_capture_through_the_pipeline(lm):
         assert p.history == compiled.program.history == ["dce", "propagate_shapes", "lint"]
         writes = [n for n in p.graph.nodes if n.target is torch.ops.aten.index_copy_.default]
         assert len(writes) == len(programs.layout.kv_shapes) * 2  # K and V of every layer, in place
+        for node in p.placeholders("user"):  # a cache tensor's only reader is its write (pp stages rely on it)
+            if "meshc_held" in node.meta:
+                assert [u.target for u in node.users] == [torch.ops.aten.index_copy_.default], (node, node.users)
 
 
 def test_decode_attends_over_the_first_p_cache_positions_only(lm):
