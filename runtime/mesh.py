@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from meshc.errors import MeshError
 from meshc.mesh import MeshSpec
@@ -55,17 +56,53 @@ def bind(program: Program, device_mesh) -> None:
 
 
 def bind_groups(spec, device_mesh) -> None:
-    """Register the process group of every dim of `spec` under `spec.group_name(dim)`."""
+    """Register the process group of every dim of `spec` under `spec.group_name(dim)` (on gloo: its
+    one-worker twin, see `serial_gloo`)."""
     from torch._C._distributed_c10d import _register_process_group, _unregister_process_group
 
     for name in spec.names:
         group = device_mesh.get_group(name)
+        if dist.get_backend(group) == "gloo":
+            group = serial_gloo(group)
         key = spec.group_name(name)
         try:
             _unregister_process_group(key)  # a compile before this one bound the same name
         except Exception:  # noqa: BLE001 - not registered yet
             pass
         _register_process_group(key, group)
+
+
+#: (default group, global ranks) -> that group's one-worker gloo twin, built once per process group.
+_SERIAL: dict[tuple[int, tuple[int, ...]], Any] = {}
+
+
+def serial_gloo(group):
+    """A gloo process group over the ranks of `group` that runs one collective at a time.
+
+    Why: a gloo group runs its queued collectives on 2 worker threads. When several are in flight at
+    once (a Program issues each collective as early as it can and waits as late as it can, e.g.
+    Medusa's 5 vocabulary all-gathers at the end of a tp=2 decode step), this torch/gloo build
+    corrupts the heap now and then (`malloc(): unaligned tcache chunk detected`, or a segfault;
+    issue 14), in the gloo layer: the same graph replayed on plain torch with no meshc code crashes
+    too. With one worker thread the collectives still overlap compute, only not each other. NCCL
+    groups are used as they are."""
+    from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
+
+    ranks = tuple(dist.get_process_group_ranks(group))
+    key = (id(dist.distributed_c10d._get_default_group()), ranks)
+    if key not in _SERIAL:
+        options = ProcessGroupGloo._Options()
+        options._threads = 1
+        options._devices = [ProcessGroupGloo.create_default_device()]
+        options._timeout = group._get_backend(torch.device("cpu")).options._timeout
+        store = PrefixStore(f"meshc-serial-gloo/{','.join(map(str, ranks))}",
+                            dist.distributed_c10d._get_default_store())
+        backend = ProcessGroupGloo(store, group.rank(), group.size(), options)
+        serial = ProcessGroup(store, group.rank(), group.size())
+        serial._set_default_backend(ProcessGroup.BackendType.GLOO)
+        serial._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
+        _SERIAL[key] = serial
+    return _SERIAL[key]
 
 
 def program_fingerprint(program: Program) -> str:
