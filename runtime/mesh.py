@@ -4,8 +4,9 @@ Entry points: `device_mesh_for(spec, mesh=None)` — the one function that build
 (on the default process group that `meshc.launch`, the caller or torchrun's environment starts) —
 and `bind(program, device_mesh)`: every rank checks that all ranks compiled the same
 program (plan hash, graph size, pipeline stages), then each mesh dim's process group is registered
-under the name the program's collectives use (`MeshSpec.group_name`, e.g. 'tp@dp=2,tp=2'). No
-graph is rewritten: the Program `meshc show` prints is the one that runs.
+under the name the program's collectives use (`MeshSpec.group_name`, e.g. 'tp@dp=2,tp=2'); a gloo
+group as its twin that runs one collective at a time (`serial_gloo`, issue 14). No graph is
+rewritten: the Program `meshc show` prints is the one that runs.
 
 Never hangs: the exchange runs on the default group, whose timeout `launch` (or torchrun's
 set-up in `device_mesh_for`) sets; a rank that disagrees stops every rank with an error naming the
@@ -72,8 +73,8 @@ def bind_groups(spec, device_mesh) -> None:
         _register_process_group(key, group)
 
 
-#: (default group, global ranks) -> that group's one-worker gloo twin, built once per process group.
-_SERIAL: dict[tuple[int, tuple[int, ...]], Any] = {}
+#: global ranks -> (the default group it was built under, that group's one-worker gloo twin).
+_SERIAL: dict[tuple[int, ...], tuple[Any, Any]] = {}
 
 
 def serial_gloo(group):
@@ -88,21 +89,20 @@ def serial_gloo(group):
     groups are used as they are."""
     from torch._C._distributed_c10d import PrefixStore, ProcessGroup, ProcessGroupGloo
 
-    ranks = tuple(dist.get_process_group_ranks(group))
-    key = (id(dist.distributed_c10d._get_default_group()), ranks)
-    if key not in _SERIAL:
+    ranks, default = tuple(dist.get_process_group_ranks(group)), dist.distributed_c10d._get_default_group()
+    if ranks not in _SERIAL or _SERIAL[ranks][0] is not default:  # built once per process group
         options = ProcessGroupGloo._Options()
         options._threads = 1
         options._devices = [ProcessGroupGloo.create_default_device()]
         options._timeout = group._get_backend(torch.device("cpu")).options._timeout
-        store = PrefixStore(f"meshc-serial-gloo/{','.join(map(str, ranks))}",
+        store = PrefixStore(f"meshc-serial-gloo/{len(_SERIAL)}/{','.join(map(str, ranks))}",
                             dist.distributed_c10d._get_default_store())
         backend = ProcessGroupGloo(store, group.rank(), group.size(), options)
         serial = ProcessGroup(store, group.rank(), group.size())
         serial._set_default_backend(ProcessGroup.BackendType.GLOO)
         serial._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, backend)
-        _SERIAL[key] = serial
-    return _SERIAL[key]
+        _SERIAL[ranks] = (default, serial)
+    return _SERIAL[ranks][1]
 
 
 def program_fingerprint(program: Program) -> str:
