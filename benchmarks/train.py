@@ -2,7 +2,7 @@
 (PyTorch's ZeRO-1) and FSDP2 `fully_shard`, on the same model, batch and mesh; step time and memory.
 
     .venv/bin/python benchmarks/train.py                  # llama-tiny, dp=2, batch 8 x 32 tokens
-    .venv/bin/python benchmarks/train.py --quick          # fewer steps, no dp=4 (a smoke run)
+    .venv/bin/python benchmarks/train.py --quick          # fewer steps, no dp=4 (a smoke run; prints, writes no file)
     .venv/bin/python benchmarks/train.py --aot            # meshc runs the traced training-step graph
 
 One step = forward + backward + AdamW step + zero_grad, torch.set_num_threads(1) per rank; the
@@ -227,9 +227,12 @@ def main(quick: bool = False) -> dict:
                          f"other engineers' jobs (contention), so times are noisy: see min/max",
               "command": "python benchmarks/train.py" + (" --quick" if quick else "") + (" --aot" if AOT else "")}
     result["meshc_step"] = "traced training-step graph (aot)" if AOT else "autograd, eager (aot=False)"
+    print(json.dumps(ratios, indent=1))
+    if quick:  # a smoke run: the results files keep the full runs' figures
+        print(json.dumps(result, indent=1))
+        return result
     out = Path(__file__).with_name("results_train_aot_cpu.json" if AOT else "results_train_cpu.json")
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(ratios, indent=1))
     return result
 
 
