@@ -9,7 +9,8 @@ speculative="medusa", tree=...)` calls). The decode Program must carry the heads
    Medusa's format (e.g. `MC_SIM_7B_63`), head d-1's top-(i_d + 1)-th token at the path's parent.
 2. Verification: exactly one call of the compiled decode Program on the T = 1 + len(paths) tree
    tokens — position ids = next position + depth, K/V written at cache slots cur..cur+T-1, and an
-   additive mask over the cache where a node sees the committed tokens, its ancestors and itself.
+   additive mask over the cache where a node sees the committed tokens, its ancestors and itself
+   (over the filled prefix rounded up to a bucket, `generate.read_length`, as plain decode reads).
 3. Acceptance: greedy (default, lossless) keeps the longest path whose every token equals the base
    model's argmax at its parent; `acceptance="typical"` (Medusa's ε, δ: accept a token whose
    probability under the base model at temperature τ exceeds min(ε, δ·exp(-entropy))) is not
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 from meshc.errors import InputError, MeshcError
+from meshc.runtime.generate import read_length
 
 #: Medusa's tree for Vicuna-7B (medusa/model/medusa_choices.py): 63 paths, depth 4, top-10.
 MC_SIM_7B_63 = [
@@ -228,7 +230,8 @@ def speculative_generate(decoder: Any, input_ids: torch.Tensor, attention_mask: 
                 break
             tokens = _candidates(token, medusa, step_tree)
             t = step_tree.size
-            bias = torch.full((1, 1, t, length), minimum, dtype=dtype, device=dev)
+            width = read_length(cur + t, length)  # attend over the filled prefix only, as plain decode does
+            bias = torch.full((1, 1, t, width), minimum, dtype=dtype, device=dev)
             bias[0, 0, :, :cur] = committed[:cur]
             bias[0, 0, :, cur:cur + t].masked_fill_(step_tree.visible.to(dev), 0.0)
             out = run.decode([tokens[None], (position + step_tree.depths.to(dev))[None],
