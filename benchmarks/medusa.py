@@ -148,7 +148,7 @@ def main() -> None:
               "new_tokens": a.new_tokens, "prompts": a.prompts, "repeats": a.repeats, "threads_per_rank": 1,
               "heads": {k: json.loads(v) for k, v in heads_meta.items() if k in ("top1", "top5", "steps", "distill")},
               "results": results, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs: see load averages)",
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores (see the load averages)",
               "torch": torch.__version__}
     text = json.dumps(result, indent=1)
     if a.out:
