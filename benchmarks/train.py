@@ -19,6 +19,7 @@ Writes benchmarks/results_train_cpu.json.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -223,8 +224,8 @@ def main(quick: bool = False) -> dict:
     result = {"benchmark": "train", "model": "llama-tiny", "params": psi, "mesh": MESH, "batch": BATCH,
               "seq": SEQ, "optimizer": "AdamW fp32", "warmup_steps": warmup, "timed_steps": steps,
               "runs": res, "dp4_memory_only": memory4, "step_time_ratios": ratios, "torch": torch.__version__,
-              "machine": f"{platform.machine()}, CPU, gloo; torch.set_num_threads(1) per rank; shared with "
-                         f"other engineers' jobs (contention), so times are noisy: see min/max",
+              "machine": f"{platform.machine()}, CPU, gloo; torch.set_num_threads(1) per rank",
+              "load_average_after": os.getloadavg(),
               "command": "python benchmarks/train.py" + (" --quick" if quick else "") + (" --aot" if AOT else "")}
     result["meshc_step"] = "traced training-step graph (aot)" if AOT else "autograd, eager (aot=False)"
     print(json.dumps(ratios, indent=1))
