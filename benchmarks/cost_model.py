@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -204,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "memory_configs": len(rows),
                     "order_pairs_counted": sum(o["counts"] for o in order),
                     "order_pairs_agreeing": sum(o["counts"] and o["agrees"] for o in order)},
-        "machine": f"{platform.machine()}, 1 torch thread per rank, gloo; shared by several jobs at once "
-                   f"(contention: timings disturbed both ways; see the quartiles)",
+        "machine": f"{platform.machine()}, 1 torch thread per rank, gloo",
+        "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__, "seconds": time.perf_counter() - t0,
         "command": "python benchmarks/cost_model.py " + " ".join(argv or []),
     }
