@@ -14,6 +14,7 @@ Entry points:
   shard what divides, replicate what does not.
 * `flat_shard(numel, n)` — ZeRO's exception to that rule (`passes/zero.py`): a parameter is
   sharded flat over dp, padded with zeros to a multiple of `n`; (padded numel, shard numel).
+  `pad_flat(t, numel)` and `flat_block(t, n, coord)` make those padded tensors and blocks.
 
 The table (R = Replicate, P = Partial, S(d) = Shard(d), IS = InterleavedShard):
 
@@ -28,7 +29,8 @@ The table (R = Replicate, P = Partial, S(d) = Shard(d), IS = InterleavedShard):
     S|IS -> other S|IS     all_gather_into_tensor, chunk
     *    -> P              not expressible (an error naming both placements)
 
-Never creates graph nodes or process groups: the table is data and arithmetic.
+Never creates graph nodes or process groups: the table is data and arithmetic (and the two
+tensor helpers of the flat shards).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from meshc.errors import MeshError
 from meshc.placement import Partial, Placement, Replicate, Shard, describe
 
@@ -76,6 +79,22 @@ def flat_shard(numel: int, n: int) -> tuple[int, int]:
     `n` ranks; the padding (zeros, at the end) is what makes every size shardable."""
     size = -(-numel // n)
     return size * n, size
+
+
+def pad_flat(t: torch.Tensor, numel: int) -> torch.Tensor:
+    """`t` flattened and padded with zeros at the end to `numel` elements (`t` itself, flattened,
+    when it already has them)."""
+    flat = t.reshape(-1)
+    return torch.nn.functional.pad(flat, (0, numel - flat.numel())) if numel > flat.numel() else flat
+
+
+def flat_block(t: torch.Tensor, n: int, coord: int, view: bool = False) -> torch.Tensor:
+    """Rank `coord`'s block of `t` flattened and sharded over `n` ranks (`flat_shard`): a padded
+    copy, or with `view` a view into `t` (the last ranks' may be shorter: no padding held)."""
+    padded, size = flat_shard(t.numel(), n)
+    if view:
+        return t.view(-1)[coord * size:(coord + 1) * size]
+    return pad_flat(t.detach(), padded)[coord * size:(coord + 1) * size].clone()
 
 
 def steps(have: Placement, want: Placement) -> list[Step]:
@@ -146,5 +165,6 @@ def describe_steps(have: Placement, want: Placement) -> str:
     return "+".join(s.op for s in steps(have, want) if s.is_collective)
 
 
-__all__ = ["ADJOINT", "IMPLEMENTED_AS", "Step", "describe_steps", "flat_shard", "plan_steps", "shardable",
+__all__ = ["ADJOINT", "IMPLEMENTED_AS", "Step", "describe_steps", "flat_block", "flat_shard", "pad_flat",
+           "plan_steps", "shardable",
            "step_time", "steps", "transition_time"]

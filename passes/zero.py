@@ -41,7 +41,7 @@ from meshc.passes.differentiable_collectives import _run
 from meshc.pipeline import register_pass
 from meshc.placement import Partial, Replicate, Shard
 from meshc.program import Program, trainable
-from meshc.redistribute import ADJOINT, flat_shard, steps
+from meshc.redistribute import ADJOINT, flat_block, flat_shard, pad_flat, steps
 
 STAGES = (0, 1, 2, 3)
 
@@ -58,11 +58,6 @@ def _grad_op(stage: int) -> str:
     op = next(s.op for s in steps(Partial(), want) if s.is_collective)
     assert stage != 3 or op == ADJOINT[_dp_op(stage)]
     return op
-
-
-def _pad_flat(g: torch.Tensor, padded: int) -> torch.Tensor:
-    flat = g.reshape(-1)
-    return torch.nn.functional.pad(flat, (0, padded - flat.numel())) if padded > flat.numel() else flat
 
 
 class _ZeroParam(torch.autograd.Function):
@@ -85,7 +80,7 @@ class _ZeroParam(torch.autograd.Function):
         if ctx.n > 1:
             op = _grad_op(ctx.stage)
             if op == "reduce_scatter_tensor":
-                g = _run(op, _pad_flat(g, flat_shard(g.numel(), ctx.n)[0]), ctx.n, ctx.group)[:ctx.numel]
+                g = _run(op, pad_flat(g, flat_shard(g.numel(), ctx.n)[0]), ctx.n, ctx.group)[:ctx.numel]
             else:
                 g = _run(op, g, ctx.n, ctx.group)
         return g, None, None, None, None, None, None
@@ -109,7 +104,7 @@ def _tag(out: torch.Tensor, x: torch.Tensor, n: int, group: str) -> None:
 def regather(x: torch.Tensor, n: int, group: str) -> torch.Tensor:
     """The gathered flat block (dp x shard, padded) again from the dp shard `x`, without autograd."""
     size = flat_shard(x.numel() * n, n)[1]
-    return _run(_dp_op(3), _pad_flat(x.detach(), size), n, group)
+    return _run(_dp_op(3), pad_flat(x.detach(), size), n, group)
 
 
 class _ZeroLayer(torch.autograd.Function):
@@ -124,7 +119,7 @@ class _ZeroLayer(torch.autograd.Function):
         ctx.sizes, ctx.numels = sizes, [x.numel() for x in xs]
         if stage == 2:
             return tuple(f.view(sh) for f, sh in zip(fulls, shapes))
-        bucket = torch.cat([_pad_flat(x, size) for x, size in zip(xs, sizes)])
+        bucket = torch.cat([pad_flat(x, size) for x, size in zip(xs, sizes)])
         rows = _run(_dp_op(3), bucket, n, group).view(n, -1)
         outs, off = [], 0
         for size, sh in zip(sizes, shapes):
@@ -139,7 +134,7 @@ class _ZeroLayer(torch.autograd.Function):
             g = torch.zeros(sh) if g is None else g
             for name in groups:
                 g = _run("all_reduce", g, 1, name)
-            parts.append(_pad_flat(g, ctx.n * size).view(ctx.n, size))
+            parts.append(pad_flat(g, ctx.n * size).view(ctx.n, size))
         mine = _run(_grad_op(ctx.stage), torch.cat(parts, dim=1).reshape(-1), ctx.n, ctx.group)
         grads = [p[:k] for p, k in zip(mine.split(ctx.sizes), ctx.numels)]
         return (None,) * 6 + tuple(grads)
@@ -223,12 +218,10 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: floa
         if stage >= 2:
             key = id(t)
             t = t.detach().contiguous() if stage == 2 else t
-            padded, size = flat_shard(t.numel(), n)
             if key not in shards:  # tied weights: one shard object, as they had one tensor
                 # stage 2: a view into the full copy (the optimizer's update lands in it; the last
                 # ranks' views may be shorter); stage 3: a padded copy (the full tensor is dropped)
-                shards[key] = t.view(-1)[coord * size:(coord + 1) * size] if stage == 2 else \
-                    _pad_flat(t.detach(), padded)[coord * size:(coord + 1) * size].clone()
+                shards[key] = flat_block(t, n, coord, view=stage == 2)
             program.state[ph.name] = shards[key]
             if stage == 2:
                 with graph.inserting_after(last_ph):

@@ -2,7 +2,7 @@
 
 Entry point: `PipelineZero(params, stage, mesh, rank)`, which `PipelineModel` makes when compiled
 with zero=1/2. Each dp rank updates only its flat block of every local parameter
-(`meshc.runtime.training.flat_block`, padded to a multiple of dp):
+(`meshc.redistribute.flat_block`, padded to a multiple of dp):
 
     stage  after a train_step's backward                    optimizer step
     1      gradient all-reduced over dp (as zero=0), .grad  this rank's block of .grad, then all-gather
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from meshc.mesh import DP
-from meshc.redistribute import flat_shard
-from meshc.runtime.training import _c10d, flat_block, gather_blocks
+from meshc.redistribute import flat_block, flat_shard, pad_flat
+from meshc.runtime.training import _c10d, gather_blocks
 
 
 class PipelineZero:
@@ -39,8 +39,7 @@ class PipelineZero:
         for p in self.params:
             g = grads.pop(id(p), None)
             g = torch.zeros_like(p) if g is None else g
-            padded, size = flat_shard(g.numel(), self.dp)
-            flat = torch.nn.functional.pad(g.detach().reshape(-1), (0, padded - g.numel()))
+            flat = pad_flat(g.detach(), flat_shard(g.numel(), self.dp)[0])
             mine = c.wait_tensor(c.reduce_scatter_tensor(flat, "sum", self.dp, self.group)) / self.dp
             mine = mine[:flat_block(p, self.dp, self.coord, view=True).numel()]
             self.block_grads[id(p)] = mine if id(p) not in self.block_grads else self.block_grads[id(p)] + mine

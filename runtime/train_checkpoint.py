@@ -28,7 +28,7 @@ import torch.distributed as dist
 from meshc.errors import MeshcError
 from meshc.mesh import DP, MeshSpec
 from meshc.placement import Replicate, Shard, describe, local_shard, parse_placement
-from meshc.runtime.training import flat_block
+from meshc.redistribute import flat_block
 
 
 def _barrier(program) -> None:

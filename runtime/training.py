@@ -45,7 +45,7 @@ from meshc.errors import InputError, MeshcError
 from meshc.mesh import DP
 from meshc.placement import Replicate
 from meshc.program import trainable
-from meshc.redistribute import flat_shard
+from meshc.redistribute import flat_block, flat_shard, pad_flat
 
 
 def _c10d():
@@ -75,23 +75,12 @@ def _signature(values: list) -> tuple:
     return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in values)
 
 
-def flat_block(t: torch.Tensor, n: int, coord: int, view: bool = False) -> torch.Tensor:
-    """Rank `coord`'s block of `t` flattened and sharded over `n` dp ranks (`flat_shard`): a copy
-    padded with zeros, or with `view` a view into `t` (the last ranks' may be shorter: no padding held)."""
-    padded, size = flat_shard(t.numel(), n)
-    if view:
-        return t.view(-1)[coord * size:(coord + 1) * size]
-    flat = t.detach().reshape(-1)
-    return torch.nn.functional.pad(flat, (0, padded - flat.numel()))[coord * size:(coord + 1) * size].clone()
-
-
 @torch.no_grad()
 def gather_blocks(pairs: list[tuple[torch.Tensor, torch.Tensor]], n: int, group) -> None:
     """(this rank's updated flat block, the full tensor) pairs: one all-gather over the `n` dp
     ranks of `group` (a bucket laid out n x padded blocks) writes every full tensor."""
     sizes = [flat_shard(full.numel(), n)[1] for _, full in pairs]
-    bucket = torch.cat([torch.nn.functional.pad(block.detach().reshape(-1), (0, size - block.numel()))
-                        for (block, _), size in zip(pairs, sizes)])
+    bucket = torch.cat([pad_flat(block.detach(), size) for (block, _), size in zip(pairs, sizes)])
     c = _c10d()
     gathered = c.wait_tensor(c.all_gather_into_tensor(bucket, n, group)).view(n, -1)
     offset = 0

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .codegen import header, next_pow2
+from .codegen import cdiv, header, next_pow2
 from .regions import Region, repeat_kv_source, sym_shape
 
 _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -155,11 +155,7 @@ def splits_for(batch_heads: int, m: int, nk: int) -> int:
     """How many key chunks a (batch · heads, M queries, NK keys) attention runs as (1: no split)."""
     if m > SPLIT_MAX_ROWS:
         return 1
-    return max(1, min(_cdiv(nk, MIN_CHUNK), _cdiv(TARGET_PROGRAMS, batch_heads)))
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
+    return max(1, min(cdiv(nk, MIN_CHUNK), cdiv(TARGET_PROGRAMS, batch_heads)))
 
 
 def _launcher(kernel, combine, has_mask: bool, scale: float | None, interpret: bool) -> Callable:
@@ -176,9 +172,9 @@ def _launcher(kernel, combine, has_mask: bool, scale: float | None, interpret: b
         bd = max(16, next_pow2(d))
         mask_args = [mask, *mask.expand(batch, heads, m, nk).stride()] if has_mask else []
         splits = splits_for(batch * heads, m, nk)
-        chunk = _cdiv(_cdiv(nk, splits), bn) * bn  # keys per split, in whole key blocks
-        splits = _cdiv(nk, chunk)
-        grid = (_cdiv(m, bm), batch * heads, splits)
+        chunk = cdiv(cdiv(nk, splits), bn) * bn  # keys per split, in whole key blocks
+        splits = cdiv(nk, chunk)
+        grid = (cdiv(m, bm), batch * heads, splits)
         if splits == 1:
             kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *mask_args,
                          out, heads, m, nk, d, group, sm, nk, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, SPLIT=False,

@@ -205,6 +205,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch grids."""
+    return -(a // -b)
+
+
 def row_blocks(n_rows: int, n: int, whole_row: bool, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for a rows x N tile. A reduction keeps the whole row in one
     block; the interpreter gets large tiles (few programs run faster there)."""

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from . import ops
-from .codegen import Body, header, index_lines, next_pow2, offset
+from .codegen import Body, cdiv, header, index_lines, next_pow2, offset
 from .regions import Region
 
 aten = torch.ops.aten
@@ -136,7 +136,7 @@ def _launcher(kernel, mm: fx.Node, body: Body, has_bias: bool, autotune: bool) -
         extra["GROUP_M"] = 8
 
         def grid(meta):
-            return ((-(-m // meta["BLOCK_M"])) * (-(-n // meta["BLOCK_N"])), 1, batch)
+            return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), 1, batch)
 
         kernel[grid](a, b, *([bias] if has_bias else []), *epi, *outs, *strides, m, n, k, *sa, *sb, *f[1:-1], **extra)
         return outs[0] if len(outs) == 1 else tuple(outs)

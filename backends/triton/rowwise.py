@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from .codegen import Body, header, index_lines, row_blocks
+from .codegen import Body, cdiv, header, index_lines, row_blocks
 from .ops import MAX_ROW
 from .regions import Region
 
@@ -66,15 +66,11 @@ def _launcher(kernel, body: Body, region: Region, interpret: bool) -> Callable:
             strides = [s for t in inputs for s in t.expand(f).stride()]
             strides += [s for o in outs for s in o.reshape(_out_shape("row", f) if o.dim() < ndim else o.shape)
                         .expand(f).stride()]
-            grid = (triton_cdiv(n_rows, bm), triton_cdiv(n, bn))
+            grid = (cdiv(n_rows, bm), cdiv(n, bn))
             kernel[grid](*inputs, *outs, *strides, n_rows, n, *f[1:-1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return launch
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def kernel_name_of(kernel) -> str:

@@ -227,12 +227,14 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
     return losses, lrs, compiled.report, len(regathers), code, batch_error
 
 
-def _mlp_reference():
+def _mlp_reference(schedule: bool = True):
+    """Plain training of the mlp model, 6 AdamW steps (with a StepLR schedule unless told not to):
+    (losses, the trained model)."""
     from meshc.models import load_model
 
     model = load_model("mlp").model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5) if schedule else None
     losses = []
     for step in range(6):
         x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
@@ -240,9 +242,10 @@ def _mlp_reference():
         loss.backward()
         opt.step()
         opt.zero_grad()
-        sched.step()
+        if sched:
+            sched.step()
         losses.append(float(loss))
-    return losses
+    return losses, model
 
 
 @pytest.mark.timeout(200)
@@ -253,7 +256,7 @@ def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_trainin
     """Eager autograd, the traced training-step graph (aot), and the recompute policy."""
     from meshc.runtime import launch
 
-    ref = _mlp_reference()
+    ref, _ = _mlp_reference()
     for losses, lrs, report, regathers, code, batch_error in launch(_mlp_public_rank, "dp=2", 3, False, pipeline,
                                                                     aot, timeout=150):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
@@ -483,19 +486,9 @@ def _pp_zero_rank(device_mesh, stages: list[int]):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_zero1_and_zero2_on_the_pipelines_dp_dim_train_like_plain_training():
-    from meshc.models import load_model
     from meshc.runtime import launch
 
-    model = load_model("mlp").model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ref = []
-    for step in range(6):
-        x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
-        loss = torch.nn.functional.mse_loss(model(x), x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        ref.append(float(loss))
+    ref, model = _mlp_reference(schedule=False)
     plain = dict(model.named_parameters())
     for per_stage in launch(_pp_zero_rank, "dp=2,pp=2", [0, 1, 2], timeout=300):
         for zero, (losses, params, state, numel) in per_stage.items():
