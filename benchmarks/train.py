@@ -3,7 +3,6 @@
 
     .venv/bin/python benchmarks/train.py                  # llama-tiny, dp=2, batch 8 x 32 tokens
     .venv/bin/python benchmarks/train.py --quick          # fewer steps, no dp=4 (a smoke run; prints, writes no file)
-    .venv/bin/python benchmarks/train.py --aot            # meshc runs the traced training-step graph
 
 One step = forward + backward + AdamW step + zero_grad, torch.set_num_threads(1) per rank; the
 median of the timed steps (after warm-up) with min and max, each rank's time the max over ranks.
@@ -114,9 +113,6 @@ def measure(step_fn, held_fn, grads_fn, warmup: int, steps: int) -> dict:
             "held_bytes": held, "grad_bytes": grads_fn(grads), "peak_bytes": held + mode.peak}
 
 
-AOT = "--aot" in sys.argv
-
-
 def _meshc(device_mesh, zero: int, warmup: int, steps: int) -> dict:
     import meshc
     from meshc.models import load_model
@@ -127,7 +123,6 @@ def _meshc(device_mesh, zero: int, warmup: int, steps: int) -> dict:
                           training=True, zero=zero)
     opt = model.make_optimizer(torch.optim.AdamW, lr=LR)
     tr = model.trainer
-    tr.aot = AOT
 
     def step(i, keep_grads=False):
         ids, target = data(i)
@@ -226,13 +221,13 @@ def main(quick: bool = False) -> dict:
               "runs": res, "dp4_memory_only": memory4, "step_time_ratios": ratios, "torch": torch.__version__,
               "machine": f"{platform.machine()}, CPU, gloo; torch.set_num_threads(1) per rank",
               "load_average_after": os.getloadavg(),
-              "command": "python benchmarks/train.py" + (" --quick" if quick else "") + (" --aot" if AOT else "")}
-    result["meshc_step"] = "traced training-step graph (aot)" if AOT else "autograd, eager (aot=False)"
+              "command": "python benchmarks/train.py" + (" --quick" if quick else ""),
+              "meshc_step": "the training-step Program (traced ahead of time, gradients bucketed by a pass)"}
     print(json.dumps(ratios, indent=1))
     if quick:  # a smoke run: the results files keep the full runs' figures
         print(json.dumps(result, indent=1))
         return result
-    out = Path(__file__).with_name("results_train_aot_cpu.json" if AOT else "results_train_cpu.json")
+    out = Path(__file__).with_name("results_train_cpu.json")
     out.write_text(json.dumps(result, indent=1))
     return result
 

@@ -133,8 +133,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="print the IR after one pass (or its diff)", epilog=EPILOG)
     model_args(s)
-    s.add_argument("--after", required=True, help="pass name, 1-based index in the pipeline, or 'captured'")
+    s.add_argument("--after", default=None, help="pass name, 1-based index in the pipeline, or 'captured' "
+                   "(required, except with --training: default the step's last pass)")
     s.add_argument("--diff", action="store_true", help="show a unified diff against the IR before that pass")
+    s.add_argument("--training", action="store_true", help="the training-step Program train_step runs (loss: "
+                   "causal-LM cross-entropy of shifted logits); its passes follow 'training_step' in --after")
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("bisect", help="find the first pass after which outputs differ from eager", epilog=EPILOG)
@@ -330,10 +333,10 @@ def _load(args):
     spec = MeshSpec.parse(args.mesh)
     pipeline = resolve(spec, args.pipeline, _plan_arg(args), getattr(args, "schedule", "1f1b"),
                        batch=args.batch).pipeline  # the one resolver, as meshc.compile
-    if getattr(args, "zero", None) is not None:  # as meshc.compile(training=True, zero=N)
+    if getattr(args, "zero", None) is not None or getattr(args, "training", False):  # as compile(training=True)
         from meshc.training import training_pipeline
 
-        pipeline = training_pipeline(pipeline, spec, args.zero)
+        pipeline = training_pipeline(pipeline, spec, args.zero or 0)
     parse_pipeline(pipeline)  # fail on a typo before loading anything
     loaded = load_model(args.model, batch=args.batch, seq=args.seq)
     return loaded, spec, pipeline
@@ -484,8 +487,29 @@ def _programs_by_step(args):
     keep = _Keep()
     program = _capture(args, loaded, spec)
     manager = meshc.PassManager(pipeline, instruments=[keep])
-    manager.run(program)
-    return loaded, manager, keep.programs
+    program = manager.run(program)
+    if not getattr(args, "training", False):
+        return loaded, manager, keep.programs
+    from meshc.training_step import causal_lm_loss, step_pipeline, trace_training_step
+
+    ids = loaded.example_inputs[0]  # the causal LM's target: its own input ids, shifted by the loss
+    step = trace_training_step(program, program.bind_inputs(loaded.example_inputs, loaded.example_kwargs), ids,
+                               causal_lm_loss)
+    step_keep = _Keep()
+    step_manager = meshc.PassManager(step_pipeline(program), instruments=[step_keep])
+    step_manager.run(step)
+    return loaded, _Joined(manager, step_manager), keep.programs + step_keep.programs
+
+
+class _Joined:
+    """The forward's pipeline, the tracing of the training step ('training_step'), the step's pipeline."""
+
+    def __init__(self, forward, step):
+        self.calls = [*forward.calls, argparse.Namespace(name="training_step"), *step.calls]
+        self.text = f"{forward},training_step,{step}"
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class _Keep:
@@ -500,14 +524,19 @@ class _Keep:
 
 
 def cmd_show(args) -> int:
+    if args.after is None and not args.training:
+        raise MeshcError("meshc show needs --after PASS (a pass name, a 1-based index, or 'captured'); "
+                         "only --training has a default (the training step after its last pass)")
     _, manager, programs = _programs_by_step(args)
     names = [c.name for c in manager.calls]
-    if args.after == "captured":
+    if args.after is None:
+        step = len(names)
+    elif args.after == "captured":
         step = 0
     elif args.after.isdigit() and 1 <= int(args.after) <= len(names):
         step = int(args.after)
-    elif args.after in names:
-        step = names.index(args.after) + 1
+    elif args.after in names:  # a name in both pipelines (lint): the training step's with --training
+        step = len(names) - names[::-1].index(args.after) if args.training else names.index(args.after) + 1
     else:
         raise MeshcError(f"--after {args.after!r} is not in the pipeline [{', '.join(names)}]; "
                          f"give a pass name, a 1-based index, or 'captured'")
@@ -519,6 +548,10 @@ def cmd_show(args) -> int:
                                     lineterm="")
         print("\n".join(diff) or f"pass {names[step - 1]!r} did not change the IR")
     else:
+        if args.training and step > names.index("training_step"):
+            print(f"# training step of {args.model} on mesh '{programs[step].mesh}', rank 0, zero={args.zero or 0}: "
+                  f"(state, inputs, target) -> (loss, gradients)\n# loss: causal-LM cross-entropy of the shifted "
+                  f"logits against the input ids (meshc.training_step.causal_lm_loss)\n# pipeline: {manager}")
         print(code)
     return 0
 

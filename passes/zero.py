@@ -25,10 +25,11 @@ autograd saves of a gathered parameter for backward is not kept; backward gather
 (`regather`; the runtime installs the saved-tensor hooks), so each full parameter lives only
 while it is used. The default saves it (no second all-gather). `compute_dtype=bfloat16`: the runtime's train_step
 runs forward and loss under autocast to it (master weights, gradients, optimizer stay fp32;
-collectives move fp32). Stages 0/1 with `bucket_mb>0` (default
-25, as DDP) leave the dp all-reduce out of the node's backward and record `bucket_bytes`: the
-runtime all-reduces the step's gradients after backward in buckets of that size (one collective
-per bucket instead of one per parameter). Never touches a process group.
+collectives move fp32). `bucket_mb` (default 25, as DDP): stages 2/3 gather and reduce-scatter
+each layer's parameters in buckets of at most that size (`bucket_layers`); stages 0/1 record it as
+`bucket_bytes`, and the `bucket_gradients` pass on the training-step graph
+(`meshc.training_step`) merges consecutive gradient all-reduces into buckets of that size (one
+collective per bucket instead of one per parameter). Never touches a process group.
 """
 
 from __future__ import annotations
@@ -233,9 +234,7 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: floa
             ph.meta["val"] = _fake_like(ph.meta["val"], tuple(shards[key].shape))
         first = min(ph.users, key=order.__getitem__)
         with graph.inserting_before(first):
-            # stages 0/1 with buckets: the dp all-reduce is left to one bucketed call after backward
-            dp_n = 1 if stage < 2 and bucket_mb > 0 else n
-            node = graph.call_function(zero_param, (ph, full, stage, dp_n, shape, group, sum_groups))
+            node = graph.call_function(zero_param, (ph, full, stage, n, shape, group, sum_groups))
         node.meta.update({k: v for k, v in first.meta.items() if k in ("stack_trace", "nn_module_stack")})
         node.meta.update(val=_fake_like(ph.meta["val"], shape), meshc_pass="zero",
                          meshc_placement=tuple(Replicate() if i == dp_i else p for i, p in enumerate(pls)) or None)

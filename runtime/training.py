@@ -10,17 +10,13 @@ Entry point: `Trainer(compiled)`, which `CompiledModel`'s methods from the mixin
 
 How it runs. The Program arrives with its collectives differentiable (`differentiable_collectives`)
 and every trainable parameter read through a `zero_param` node (the `zero` pass, which records in
-`meta['meshc_zero']` what each placeholder holds). Here the trainable state becomes autograd
-leaves; one step (`_step`) runs the Program's graph, `loss_fn(output, target)` on the
-(replicated) output, and one backward of loss / mesh.size (the outputs' all-gather over dp sums
-the dp copies; tp as in the pipeline) lands each gradient in `.grad` of the leaves: reduced over dp
-by the graph's adjoints (zero=2/3), or, where the zero pass left it to buckets (`bucket_bytes`,
-zero=0/1), by one all-reduce per bucket right after the backward. Calling `train_step` N times
-before `opt.step()` is gradient accumulation. With `aot = True` the step is traced ahead of time
-with make_fx into one per-rank training-step graph (`training_graph`, once per input shapes) that
-train_step runs; the default runs `_step` through autograd eagerly (lower peak memory today).
-With the zero pass's `recompute` policy, saved-tensor
-hooks replace each saved gathered parameter by how to gather it again (`_pack` / `_unpack`).
+`meta['meshc_zero']` what each placeholder holds). Here the trained tensors (`meshc.training_step.
+trained_groups`) become the slots' leaves. On first use per input shapes, target shapes and
+loss_fn, the compiler traces the step into one per-rank training-step Program
+(`meshc.training_step.training_step_program`: forward, loss, backward with the collectives'
+adjoints, the dp gradient reductions bucketed by the `bucket_gradients` pass; what `meshc show
+--training` prints); `train_step` runs it and adds each returned gradient to `.grad` of its slot's
+leaf, so calling it N times before `opt.step()` is gradient accumulation.
 
 The optimizer is the given torch class over what this rank updates: the parameters (zero=0), a
 flat dp block of each (zero=1: a view into the parameter, its gradient sliced from the
@@ -34,7 +30,6 @@ Never rewrites a graph; every collective names a group the runtime bound (`MeshS
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +39,8 @@ import torch.distributed as dist
 from meshc.errors import InputError, MeshcError
 from meshc.mesh import DP
 from meshc.placement import Replicate
-from meshc.program import trainable
 from meshc.redistribute import flat_block, flat_shard, pad_flat
+from meshc.training_step import trained_groups, training_step_program
 
 
 def _c10d():
@@ -54,25 +49,24 @@ def _c10d():
     return torch.ops._c10d_functional
 
 
-def _pack(t: torch.Tensor):
-    """Saved for backward: a gathered parameter (or a view of one) becomes how to gather it again."""
-    src = t._base if t._base is not None else t
-    if not hasattr(src, "meshc_regather"):
-        return t
-    fn, args = src.meshc_regather
-    return fn, args, t.size(), t.stride(), t.storage_offset() - src.storage_offset()
-
-
-def _unpack(packed):
-    if isinstance(packed, torch.Tensor):
-        return packed
-    fn, args, size, stride, offset = packed
-    return fn(*args).as_strided(size, stride, offset)
-
-
 def _signature(values: list) -> tuple:
     """What a traced step specializes on: tensor shapes and dtypes, other values themselves."""
     return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for v in values)
+
+
+def _function_key(fn) -> Any:
+    """What a traced loss_fn specializes on: a Python function's code, defaults and closure values
+    (a closure made anew each step with the same values is the same step), else the object."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return fn
+    cells = tuple(c.cell_contents for c in fn.__closure__ or ())
+    key = (code, fn.__defaults__, tuple(sorted((fn.__kwdefaults__ or {}).items())), cells)
+    try:
+        hash(key)
+    except TypeError:
+        return fn
+    return key
 
 
 @torch.no_grad()
@@ -122,10 +116,10 @@ class Trains:
         """A `cls` optimizer over this rank's shards; its step includes the stage's all-gathers."""
         return self.trainer.make_optimizer(cls, **options)
 
-    def training_graph(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
-        """The per-rank training-step graph (forward + loss + backward, collectives included) that
-        train_step runs for inputs and a target of these shapes; print its `.code`."""
-        return self.trainer.training_graph(inputs, target, loss_fn, kwargs)
+    def training_program(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
+        """The per-rank training-step Program (forward + loss + backward, collectives included) that
+        train_step runs for inputs and a target of these shapes; print its `.code()`."""
+        return self.trainer.training_program(inputs, target, loss_fn, kwargs)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip by the global gradient norm over every shard; returns the norm before clipping."""
@@ -160,8 +154,9 @@ class Slot:
 class Trainer:
     def __init__(self, compiled):
         program = compiled.program
-        nodes = [p for p in program.placeholders() if trainable(p) and p.users]  # an unread tied twin: not trained
-        infos = [p.meta.get("meshc_zero") for p in nodes]
+        state_nodes = [p for p in program.placeholders() if p.meta["meshc_input"] not in ("user", "recv")]
+        groups = [[state_nodes[i] for i in g] for g in trained_groups(program)]
+        infos = [g[0].meta.get("meshc_zero") for g in groups]
         if not infos or any(i is None for i in infos):
             raise MeshcError(f"{program.model_name} was compiled for inference; compile with "
                              f"meshc.compile(..., training=True[, zero=N]) to call train_step or make_optimizer")
@@ -170,22 +165,15 @@ class Trainer:
                              f"backward kernels. Compile with backend='aten' (or 'auto' on a CPU) to train.")
         self.compiled, self.program, mesh = compiled, program, program.mesh
         self.stage, self.dp = infos[0]["stage"], mesh.dp
-        self.bucket_bytes = infos[0].get("bucket_bytes", 0)
-        self.recompute = infos[0].get("recompute", False)
-        self.aot = False  # True: run the traced training-step graph (`training_graph`); False: autograd eagerly
-        self._graphs: dict = {}
-        dtype = getattr(torch, infos[0].get("compute_dtype", "float32"))
-        self.autocast = None if dtype == torch.float32 else dtype
+        self._programs: dict = {}
         self.dp_coord = mesh.coord(program.rank, DP)
         self.dp_group = mesh.group_name(DP) if self.dp > 1 else None
         self.slots: list[Slot] = []
-        leaves: dict[int, torch.Tensor] = {}
-        for ph in nodes:
-            t = program.state[ph.name]
-            if id(t) not in leaves:
-                leaves[id(t)] = torch.nn.Parameter(t.detach(), requires_grad=True)
-                self.slots.append(self._slot(ph, leaves[id(t)], mesh))
-            program.state[ph.name] = leaves[id(t)]
+        for group in groups:  # a tied group: one leaf for every placeholder
+            leaf = torch.nn.Parameter(program.state[group[0].name].detach(), requires_grad=True)
+            self.slots.append(self._slot(group[0], leaf, mesh))
+            for ph in group:
+                program.state[ph.name] = leaf
         compiled.rebind()
 
     def _slot(self, ph, leaf, mesh) -> Slot:
@@ -207,11 +195,9 @@ class Trainer:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         flat = self.program.bind_inputs(args, kwargs or {})
         self._check_batch(flat)
-        state = self.program.state_args()
-        if self.aot:
-            loss, grads = self.training_graph(inputs, target, loss_fn, kwargs)(state, flat, target)
-        else:
-            loss, grads = self._step(state, flat, target, loss_fn)
+        step = self._step_program(flat, target, loss_fn)
+        with torch.no_grad():  # the graph holds the backward: no autograd around it
+            loss, *grads = step.gm(*self.program.state_args(), *flat, *torch.utils._pytree.tree_leaves(target))
         for s, g in zip(self.slots, grads):
             s.leaf.grad = g if s.leaf.grad is None else s.leaf.grad + g
         return loss
@@ -225,59 +211,17 @@ class Trainer:
                                  f"mesh's data-parallel size {self.dp} (mesh '{self.program.mesh}'), which splits it; "
                                  f"pass a batch (and, accumulating, every micro-batch) that is a multiple of {self.dp}")
 
-    def training_graph(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
-        """The per-rank training-step graph for inputs and a target of these shapes: forward, loss,
-        backward with every collective (and the bucketed all-reduce), traced ahead of time with
-        make_fx; `(state, flat_inputs, target) -> (loss, gradients of the slots' leaves)`. Traced
-        once per input shapes, target shapes and loss_fn; `print(graph.code)` shows it."""
-        from torch.fx.experimental.proxy_tensor import make_fx
-
+    def training_program(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
+        """The training-step Program train_step runs for inputs and a target of these shapes."""
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        flat = self.program.bind_inputs(args, kwargs or {})
-        key = (_signature(flat), _signature(torch.utils._pytree.tree_leaves(target)), loss_fn)
-        if key not in self._graphs:
-            def step(state, flat, target):
-                return self._step(state, flat, target, loss_fn)
+        return self._step_program(self.program.bind_inputs(args, kwargs or {}), target, loss_fn)
 
-            self._graphs[key] = make_fx(step)(self.program.state_args(), flat, target)
-        return self._graphs[key]
-
-    def _step(self, state: list, flat: list, target: Any, loss_fn) -> tuple[torch.Tensor, list]:
-        """(loss, this step's gradient of every slot's leaf, reduced as the placements say)."""
-        hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack) if self.recompute else contextlib.nullcontext()
-        device = next((s.leaf.device.type for s in self.slots), "cpu")
-        mixed = torch.autocast(device, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
-        index = {id(t): i for i, t in enumerate(self.program.state_args())}
-        leaves = [state[index[id(s.leaf)]] for s in self.slots]
-        with torch.enable_grad(), hooks:
-            with mixed:  # forward and loss in the compute dtype; backward outside autocast, as torch advises
-                out = self.program.unflatten_outputs(self.program.gm(*state, *flat))
-                loss = loss_fn(out, target)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-                raise MeshcError(f"loss_fn must return a scalar tensor that depends on the output; got "
-                                 f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
-            grads = torch.autograd.grad(loss / self.program.mesh.size, leaves, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-        if self.bucket_bytes:  # Partial -> R over dp, one all-reduce per bucket
-            c, reduced = _c10d(), list(grads)
-            for idx in self._buckets(grads):
-                both = c.wait_tensor(c.all_reduce(torch.cat([grads[i].reshape(-1) for i in idx]), "sum", self.dp_group))
-                for i, part in zip(idx, both.split([grads[i].numel() for i in idx])):
-                    reduced[i] = part.view(grads[i].shape)
-            grads = reduced
-        return loss.detach(), grads
-
-    def _buckets(self, grads: list) -> list[list[int]]:
-        """Indices of consecutive gradients in groups of at most `bucket_bytes` (a larger one alone)."""
-        out, size = [[]], 0
-        for i, g in enumerate(grads):
-            nbytes = g.numel() * g.element_size()
-            if out[-1] and size + nbytes > self.bucket_bytes:
-                out.append([])
-                size = 0
-            out[-1].append(i)
-            size += nbytes
-        return [b for b in out if b]
+    def _step_program(self, flat: list, target: Any, loss_fn):
+        """Made by the compiler once per input shapes, target shapes and loss_fn."""
+        key = (_signature(flat), _signature(torch.utils._pytree.tree_leaves(target)), _function_key(loss_fn))
+        if key not in self._programs:
+            self._programs[key] = training_step_program(self.program, flat, target, loss_fn)
+        return self._programs[key]
 
     # ---- optimizer ------------------------------------------------------------------------------
     def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:

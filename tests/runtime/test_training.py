@@ -189,7 +189,7 @@ def test_more_meshes_every_zero_stage_equals_plain_training(mesh):
 
 # ---- the public path, schedulers, errors (the MLP: seconds) -------------------------------------------
 
-def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = "default", aot: bool = False):
+def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = "default"):
     """meshc.compile(training=True, zero=N) + an LR scheduler, 6 steps; rank 1 may die mid-run."""
     import os
 
@@ -206,7 +206,6 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
                              zero=zero, pipeline=pipeline)
     opt = compiled.make_optimizer(torch.optim.AdamW, lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    compiled.trainer.aot = aot
     losses, lrs = [], []
     for step in range(6):
         x, = load_model("mlp", batch=4, seq=8 + step).example_inputs
@@ -218,7 +217,7 @@ def _mlp_public_rank(device_mesh, zero: int, die: bool = False, pipeline: str = 
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     x, = load_model("mlp", batch=4, seq=8).example_inputs
-    code = compiled.training_graph((x,), x, torch.nn.functional.mse_loss).code if aot else ""
+    code = compiled.training_program((x,), x, torch.nn.functional.mse_loss).gm.code
     try:  # a batch dp does not divide: a clear error before any collective
         compiled.train_step((x[:3],), x[:3], torch.nn.functional.mse_loss)
         batch_error = None
@@ -249,16 +248,15 @@ def _mlp_reference(schedule: bool = True):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("pipeline, aot", [  # default-suite time: the traced and recompute variants under -m slow
-    ("default", False), pytest.param("default", True, marks=pytest.mark.slow),
-    pytest.param("dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint", False, marks=pytest.mark.slow)])
-def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training(pipeline, aot):
-    """Eager autograd, the traced training-step graph (aot), and the recompute policy."""
+@pytest.mark.parametrize("pipeline", [  # default-suite time: the recompute variant under -m slow
+    "default", pytest.param("dce,auto_shard,spmd_partition,zero(stage=3,recompute=true),lint", marks=pytest.mark.slow)])
+def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_training(pipeline):
+    """The training-step Program (saving gathered parameters for backward, or gathering them again)."""
     from meshc.runtime import launch
 
     ref, _ = _mlp_reference()
     for losses, lrs, report, regathers, code, batch_error in launch(_mlp_public_rank, "dp=2", 3, False, pipeline,
-                                                                    aot, timeout=150):
+                                                                    timeout=150):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=1e-7)
         assert lrs == [1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3, 1.25e-3]
         assert batch_error == ("input args[0]: batch of 3 does not divide over the mesh's data-parallel size 2 (mesh "
@@ -266,12 +264,12 @@ def test_public_compile_with_zero3_and_an_lr_scheduler_trains_like_plain_trainin
                                "is a multiple of 2"), batch_error
         assert "zero: stage 3 on dp=2: 6 parameters" in report
         assert "zero: parameters bucketed per layer into 3 collectives each way" in report
-        # recompute: the weights backward saves are gathered again each step: mid's and down's (up's
-        # input needs no gradient, so autograd saves no weight there; biases are never saved)
+        # recompute: the weights backward saves are gathered again, traced once per input shape (6):
+        # mid's and down's (up's input needs no gradient, so autograd saves no weight there; biases never)
         assert regathers == (0 if pipeline == "default" else 2 * 6), regathers
-        if aot:  # one graph: the forward's layer all-gathers and the backward's reduce-scatters
-            assert code.count("all_gather_into_tensor.default(") == 3 + 1, code  # 3 layers + the output
-            assert code.count("reduce_scatter_tensor.default(") == 3 + 1, code  # their adjoints
+        # one graph: the forward's layer all-gathers (and the regathers) and the backward's reduce-scatters
+        assert code.count("all_gather_into_tensor.default(") == 3 + 1 + (2 if regathers else 0), code
+        assert code.count("reduce_scatter_tensor.default(") == 3 + 1, code  # their adjoints, the output's
 
 
 @pytest.mark.timeout(120)
