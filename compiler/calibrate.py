@@ -4,26 +4,36 @@ Entry points: `calibrate(mesh=None, seconds=1.0, threads=1) -> (DevicePreset, me
 `write_preset(preset, path, measurements)`, and the command `meshc calibrate [--mesh tp=2]
 [--out FILE]`, whose file `preset=` (cost-model functions, passes) and `--preset` accept.
 
-What is measured — microbenchmarks only; no model is run and nothing is fitted to one:
+What is measured — microbenchmarks only; no model is run and nothing is fitted to one. Each
+kernel is issued as a forward issues it (the shapes, layouts and extra arguments of a decoder's
+graph), since a tight loop of a friendlier variant runs faster than the forward does:
 
-* matmul throughput by size: [M, K] @ [K, N] float32 from 2e4 to 2e9 FLOPs → `matmul_curve`
-  (FLOP/s per size, interpolated by the cost model), `peak_flops` = the best;
+* matmul throughput by size: aten.linear(x[M, K], weight[N, K]) float32 from 2e4 to 2e9 FLOPs →
+  `matmul_curve` (FLOP/s per size, interpolated by the cost model), `peak_flops` = the best;
+* attention: aten.scaled_dot_product_attention with a transposed q and an explicit boolean causal
+  mask, by sequence length → `sdpa_curve` (CPU attention runs well below the matmul rate);
+* the non-matmul ops of a forward (mul with a broadcast weight, add, silu, pow, mean, neg, cat, a
+  transposed clone, a dtype cast) on ~1 MB operands, less their fixed cost → seconds per element,
+  `op_rates` (silu and strided copies run far below the copy bandwidth);
 * memory bandwidth: copying a 64 MB tensor (read + write) → `mem_bandwidth`;
-* fixed cost per call of the ATen ops whose overhead differs from a pointwise op's (linear,
-  attention, reductions, cat, embedding, index, copies) on tiny inputs, relative to `aten.mul`
-  timed alike, times the per-node cost below → `op_overheads`;
-* the ATen backend's dispatch overhead: FX GraphModules of 1 and 401 tiny ATen ops (pointwise,
-  views, reductions), run through `CompiledModel` as compiled programs are: slope → seconds per
-  node (`dispatch_overhead`), intercept → seconds per call (`call_overhead`);
+* the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 20 blocks of the small ops a
+  transformer forward issues: linear, norm, head split, rotate-half, gated activation, residual)
+  run through `CompiledModel` as compiled programs are: slope → seconds per node in a mixed graph,
+  intercept → seconds per call (`call_overhead`); the fixed cost of each ATen op on tiny inputs in
+  a tight loop gives only the ratios between ops (`op_costs`): → `dispatch_overhead` (a generic
+  node) and `op_overheads`;
 * collectives on the mesh's process group (`meshc.launch`, one process per rank) exactly as the
-  graphs issue them (`torch.ops._c10d_functional.*` + `wait_tensor`), 1 KB .. 16 MB: per
-  collective a fit t = a + b·bytes (relative least squares), stored as ring alpha/beta for the
-  group size (`collective_fits`). A collective the backend lacks (gloo has no reduce-scatter) is
-  skipped: `meshc.redistribute` prices it as the backend implements it (an all-reduce + chunk).
+  graphs issue them (`torch.ops._c10d_functional.*` + `wait_tensor`), 1 KB .. 16 MB, both alone
+  after a barrier and in situ — after a compute phase, without a barrier, as a forward issues them
+  (the ranks arrive apart, and gloo's threads compete with the ranks' compute for the cores). Per
+  collective a fit t = a + b·bytes (relative least squares) of the in-situ times, stored as ring
+  alpha/beta for the group size (`collective_fits`). A collective the backend lacks (gloo has no
+  reduce-scatter) is skipped: `meshc.redistribute` prices it as the backend implements it.
 
-Times are the least of repeated runs: on a shared machine other jobs only add time, so the
-fastest run is the machine's own speed (compare them with least measured times). Every rank
-uses rank 0's figures, so all ranks plan alike.
+Kernel times are the least of repeated runs: on a shared machine other jobs only add time, so
+the fastest run is the machine's own speed (compare them with least measured times). In-situ
+collective times are medians: a forward pays each of its collectives' usual wait for the other
+rank, not the luckiest one. Every rank uses rank 0's figures, so all ranks plan alike.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -43,6 +54,8 @@ from meshc.cost_model import PRESETS, DevicePreset
 #: (M, K, N) of the matmul sizes measured (2*M*K*N FLOPs: 2e4 .. 2e9).
 MATMUL_SIZES = ((8, 32, 32), (16, 64, 64), (32, 128, 128), (64, 128, 256), (128, 256, 256), (256, 256, 512),
                 (256, 512, 512), (512, 512, 1024), (1024, 1024, 1024))
+#: sequence lengths of the attention measured ([2, 8, S, 64], boolean causal mask)
+SDPA_SEQS = (16, 64, 128, 256, 512)
 #: message sizes (bytes as cost_model.collective_time counts them) for the collectives
 MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
 #: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
@@ -62,14 +75,65 @@ def _least_time(fn: Callable[[], object], seconds: float, min_calls: int = 5) ->
 
 
 def measure_matmuls(seconds: float) -> list[tuple[float, float]]:
-    """(FLOPs, FLOP/s) per size in MATMUL_SIZES."""
+    """(FLOPs, FLOP/s) per size in MATMUL_SIZES, issued as a Linear's forward issues them:
+    aten.linear(x[M, K], weight[N, K]) (the weight transposed), a fresh output each call."""
     out = []
     with torch.no_grad():
         for m, k, n in MATMUL_SIZES:
-            a, b = torch.randn(m, k), torch.randn(k, n)
+            x, w = torch.randn(m, k), torch.randn(n, k)
             flops = 2.0 * m * k * n
-            out.append((flops, flops / _least_time(lambda a=a, b=b: torch.mm(a, b), seconds / len(MATMUL_SIZES))))
+            t = _least_time(lambda x=x, w=w: torch.ops.aten.linear.default(x, w), seconds / len(MATMUL_SIZES))
+            out.append((flops, flops / t))
     return out
+
+
+def measure_sdpa(seconds: float) -> list[tuple[float, float]]:
+    """(FLOPs as cost_model counts them, FLOP/s) of aten.scaled_dot_product_attention as a decoder's
+    forward issues it: q [2, 8, S, 64] a transposed view of [2, S, 8, 64], k and v contiguous, an
+    explicit boolean causal mask [2, 1, S, S], for S in SDPA_SEQS (the CPU kernel is no plain matmul)."""
+    out = []
+    with torch.no_grad():
+        for s in SDPA_SEQS:
+            q, kv = torch.randn(2, s, 8, 64).transpose(1, 2), torch.randn(2, 8, s, 64)
+            mask = torch.ones(s, s, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
+            flops = 2.0 * 2 * 8 * s * s * (64 + 64)
+            t = _least_time(lambda q=q, kv=kv, mask=mask: torch.ops.aten.scaled_dot_product_attention.default(
+                q, kv, kv, mask, scale=0.125), seconds / len(SDPA_SEQS))
+            out.append((flops, flops / t))
+    return out
+
+
+#: elements of the largest tensor each op of _large_ops touches
+LARGE_NUMEL = 2 * 128 * 1024
+
+
+def _large_ops() -> dict[str, Callable[[], object]]:
+    """The non-matmul ATen ops of a transformer forward, each on ~1 MB operands shaped as a forward
+    has them ([2, 128, 8, 128] activations, a [1024] norm weight broadcast, a rotary half)."""
+    aten = torch.ops.aten
+    x, y = torch.randn(2, 128, 1024), torch.randn(2, 128, 1024)
+    w, heads = torch.randn(1024), torch.randn(2, 128, 8, 128)
+    return {
+        "aten.mul.Tensor": lambda: aten.mul.Tensor(x, w),
+        "aten.add.Tensor": lambda: aten.add.Tensor(x, y),
+        "aten.silu.default": lambda: aten.silu.default(x),
+        "aten.pow.Tensor_Scalar": lambda: aten.pow.Tensor_Scalar(x, 2),
+        "aten.mean.dim": lambda: aten.mean.dim(x, [-1], True),
+        "aten.neg.default": lambda: aten.neg.default(x),
+        "aten.cat.default": lambda: aten.cat.default([x[..., :512], x[..., 512:]], -1),
+        "aten.clone.default": lambda: aten.clone.default(heads.transpose(1, 2), memory_format=torch.contiguous_format),
+        "aten._to_copy.default": lambda: aten._to_copy.default(x, dtype=torch.float64),
+    }
+
+
+def measure_op_rates(seconds: float, fixed: dict[str, float]) -> dict[str, float]:
+    """Seconds per element (of the op's largest tensor: LARGE_NUMEL) of each op in `_large_ops`,
+    less its fixed cost per call (`fixed`, from measure_ops; aten.mul's for an op not there): the
+    cost model adds dispatch per node and takes the larger of this and the op's roofline."""
+    with torch.no_grad():
+        return {name: max(_least_time(fn, seconds / len(_large_ops())) - fixed.get(name, fixed["aten.mul.Tensor"]),
+                          0.0) / LARGE_NUMEL
+                for name, fn in _large_ops().items()}
 
 
 def measure_bandwidth(seconds: float) -> float:
@@ -79,37 +143,60 @@ def measure_bandwidth(seconds: float) -> float:
     return 2 * src.nbytes / _least_time(lambda: dst.copy_(src), seconds)
 
 
-def _chain(nodes: int) -> fx.GraphModule:
-    """A graph of `nodes` tiny ATen ops (add, view, mul, sum-keepdim, ... in turn) on a [4, 8] input."""
+def op_mix(blocks: int) -> fx.GraphModule:
+    """`blocks` repeats of a mix of small ATen ops as a transformer forward issues them — a linear,
+    a broadcast scale, an RMS norm, a head split with transposes and copies, a rotate-half (slices,
+    neg, cat), a gated activation, unsqueeze/squeeze and a residual add: 22 nodes per block,
+    on x [2, 8, 32], weight [32, 32], scale [32] (the kernels' own time is small next to dispatch)."""
     aten = torch.ops.aten
     g = fx.Graph()
-    x = g.placeholder("x")
-    steps = [lambda v: g.call_function(aten.add.Tensor, (v, 1.0)),
-             lambda v: g.call_function(aten.view.default, (v, [8, 4])),
-             lambda v: g.call_function(aten.mul.Tensor, (v, v)),
-             lambda v: g.call_function(aten.view.default, (v, [4, 8])),
-             lambda v: g.call_function(aten.sub.Tensor, (v, 0.5))]
+    x, w, b = g.placeholder("x"), g.placeholder("w"), g.placeholder("b")
+
+    def op(target, *args, **kwargs):
+        return g.call_function(target, args, kwargs)
+
     v = x
-    for i in range(nodes):
-        v = steps[i % len(steps)](v)
+    for _ in range(blocks):
+        v = op(aten.mul.Tensor, op(aten.linear.default, v, w), b)
+        r = op(aten.rsqrt.default, op(aten.add.Tensor, op(aten.mean.dim, op(aten.pow.Tensor_Scalar, v, 2), [-1], True),
+                                      1e-6))
+        v = op(aten.mul.Tensor, v, r)
+        h = op(aten.clone.default, op(aten.transpose.int, op(aten.view.default, v, [2, 8, 4, 8]), 1, 2),
+               memory_format=torch.contiguous_format)
+        v = op(aten.view.default, op(aten.clone.default, op(aten.transpose.int, h, 1, 2),
+                                     memory_format=torch.contiguous_format), [2, 8, 32])
+        half = op(aten.cat.default, [op(aten.neg.default, op(aten.slice.Tensor, v, 2, 16, 32)),
+                                     op(aten.slice.Tensor, v, 2, 0, 16)], -1)
+        v = op(aten.add.Tensor, op(aten.mul.Tensor, op(aten.silu.default, half), v),
+               op(aten.squeeze.dim, op(aten.unsqueeze.default, v, 0), 0))
     g.output((v,))
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def measure_dispatch(seconds: float) -> tuple[float, float]:
-    """(seconds per node, seconds per call) of compiled programs run by the ATen backend."""
+def _mix_inputs() -> tuple[torch.Tensor, ...]:
+    return torch.randn(2, 8, 32), torch.randn(32, 32), torch.randn(32)
+
+
+def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
+    """(seconds per node, seconds per call, {op: nodes in one block}) of op_mix graphs of 1 and 20
+    blocks run by the ATen backend through `CompiledModel`, as compiled programs are: the slope is
+    the cost of a node in a mixed graph, the intercept the cost of a call."""
     from meshc.capture import capture
     from meshc.runtime.compiled_model import CompiledModel
 
-    x = torch.randn(4, 8)
-    times = {}
-    for nodes in (1, 401):
-        program = capture(_chain(nodes), (x,), dynamic_shapes=None)
+    inputs = _mix_inputs()
+    times, nodes, counts = {}, {}, {}
+    for blocks in (1, 20):
+        program = capture(op_mix(blocks), inputs, dynamic_shapes=None)
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        nodes[blocks] = len(targets)
+        if blocks == 1:
+            counts = {t: targets.count(t) for t in set(targets)}
         compiled = CompiledModel(program, "aten")
         with torch.no_grad():
-            times[nodes] = _least_time(lambda c=compiled: c(x), seconds / 2)
-    per_node = max((times[401] - times[1]) / 400, 0.0)
-    return per_node, max(times[1] - per_node, 0.0)
+            times[blocks] = _least_time(lambda c=compiled: c(*inputs), seconds / 2)
+    per_node = max((times[20] - times[1]) / (nodes[20] - nodes[1]), 0.0)
+    return per_node, max(times[1] - nodes[1] * per_node, 0.0), counts
 
 
 def _tiny_ops() -> dict[str, Callable[[], object]]:
@@ -136,8 +223,8 @@ def _tiny_ops() -> dict[str, Callable[[], object]]:
 
 def measure_ops(seconds: float) -> dict[str, float]:
     """Seconds per call of each op in `_tiny_ops` (least of 50-call loops: Python call + dispatch + kernel).
-    A loop of one op runs hotter than a graph's mix of ops, so `calibrate` uses these as ratios to
-    `aten.mul.Tensor` measured alike, applied to the per-node cost measured on graphs."""
+    A loop of one op runs hotter than a graph's mix of ops, so `calibrate` uses them only as ratios:
+    scaled so that op_mix's nodes add up to the per-node cost measured on it (`op_costs`)."""
     out = {}
     with torch.no_grad():
         for name, fn in _tiny_ops().items():
@@ -146,6 +233,16 @@ def measure_ops(seconds: float) -> dict[str, float]:
                     fn()
             out[name] = _least_time(loop, seconds / len(_tiny_ops())) / 50
     return out
+
+
+def op_costs(per_node: float, mix_counts: dict[str, int], ops: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """(generic seconds per node, {op: seconds per node}) in a mixed graph: the tight-loop times `ops`
+    scaled by one factor, so that op_mix's nodes (`mix_counts`; an op not in `ops` costs as
+    aten.mul) add up to `per_node` each on average, as measured."""
+    generic = ops["aten.mul.Tensor"]
+    loop_total = sum(c * ops.get(op, generic) for op, c in mix_counts.items())
+    scale = per_node * sum(mix_counts.values()) / loop_total
+    return scale * generic, {op: scale * t for op, t in ops.items()}
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -160,8 +257,12 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(a, 0.0), max(b, 0.0)
 
 
-def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, list[tuple[float, float]]]:
-    """On every rank: least seconds per (collective, bytes), issued as the compiled graphs issue them."""
+def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """On every rank, per collective issued as the compiled graphs issue them (`_c10d_functional` +
+    `wait_tensor`), [(bytes, seconds)] per message size, two ways: "alone" — the least time after a
+    barrier (both ranks arrive together); "in_situ" — between compute phases (a 2-block op_mix
+    before each, no barrier), the median time of phase + collective less the phase's median time
+    alone: what a forward pays, the wait for the other rank's arrival included."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -175,33 +276,51 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, list[tuple
         "all_to_all_single": lambda t: c10d.all_to_all_single.default(t, [t.shape[0] // n] * n,
                                                                        [t.shape[0] // n] * n, name),
     }
-    out: dict[str, list[tuple[float, float]]] = {}
+    phase, inputs = op_mix(2), _mix_inputs()
+
+    def timed(fn, calls: int) -> list[float]:
+        out = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    with torch.no_grad():
+        timed(lambda: phase(*inputs), 20)
+        dist.barrier(group)
+        phase_s = statistics.median(timed(lambda: phase(*inputs), 200))  # both ranks computing, as in a forward
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {"alone": {}, "in_situ": {}}
     for kind, op in ops.items():
         try:
             c10d.wait_tensor.default(op(torch.zeros(64 * n)))
         except (RuntimeError, NotImplementedError):
             dist.barrier(group)
             continue  # not implemented by this backend: priced as the backend implements it
-        rows = []
+        alone, in_situ = [], []
         for nbytes in MESSAGE_BYTES:
             numel = max(nbytes // 4 // n * n, n)  # the tensor collective_time's nbytes describes
             local = numel // n if kind == "all_gather_into_tensor" else numel
             t = torch.randn(local)
+            calls = iters * 3 if nbytes <= 1 << 16 else iters  # small messages: noisier, cheap
             samples = []
-            for _ in range(iters * 3 if nbytes <= 1 << 16 else iters):  # small messages: noisier, cheap
+            for _ in range(calls):
                 dist.barrier(group)
-                t0 = time.perf_counter()
-                c10d.wait_tensor.default(op(t))
-                samples.append(time.perf_counter() - t0)
-            counted = local * 4 if kind in ("all_to_all_single",) else numel * 4
-            rows.append((float(counted), min(samples[1:])))
-        out[kind] = rows
+                samples.extend(timed(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), 1))
+            dist.barrier(group)
+            with torch.no_grad():
+                between = timed(lambda op=op, t=t: (phase(*inputs), c10d.wait_tensor.default(op(t))), calls + 1)[1:]
+            counted = float(local * 4 if kind in ("all_to_all_single",) else numel * 4)
+            alone.append((counted, min(samples[1:])))
+            in_situ.append((counted, max(statistics.median(between) - phase_s, 1e-9)))
+        out["alone"][kind], out["in_situ"][kind] = alone, in_situ
     return out
 
 
 def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> tuple[int, dict]:
-    """(group size, {collective: [(bytes, seconds), ...]}) on the mesh's tensor-parallel (else first)
-    dim, the slowest rank's least time per size (a collective ends when its last rank does)."""
+    """(group size, {"alone" | "in_situ": {collective: [(bytes, seconds), ...]}}) on the mesh's
+    tensor-parallel (else first) dim, the slowest rank's time per size (a collective ends when its
+    last rank does)."""
     from meshc.mesh import MeshSpec
     from meshc.runtime.launch import launch
 
@@ -209,8 +328,9 @@ def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> t
     i = spec.tp_index if spec.tp_index is not None else 0
     dim, n = spec.names[i], spec.sizes[i]
     ranks = launch(_collectives_rank, str(spec), dim, iters, timeout=timeout)
-    merged = {kind: [(b, max(r[kind][j][1] for r in ranks)) for j, (b, _) in enumerate(rows)]
-              for kind, rows in ranks[0].items()}
+    merged = {how: {kind: [(b, max(r[how][kind][j][1] for r in ranks)) for j, (b, _) in enumerate(rows)]
+                    for kind, rows in by_kind.items()}
+              for how, by_kind in ranks[0].items()}
     return n, merged
 
 
@@ -222,23 +342,28 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
     torch.set_num_threads(threads)
     base = PRESETS["cpu-gloo"]
     curve = measure_matmuls(seconds)
+    sdpa = measure_sdpa(seconds / 2)
     bandwidth = measure_bandwidth(seconds / 4)
-    per_node, per_call = measure_dispatch(seconds)
+    per_node, per_call, mix_counts = measure_dispatch(seconds)
     ops = measure_ops(seconds)
+    rates = measure_op_rates(seconds / 2, ops)
+    generic, per_op = op_costs(per_node, mix_counts, ops)
     figures: dict[str, Any] = dict(peak_flops=max(r for _, r in curve), mem_bandwidth=bandwidth,
-                                   dispatch_overhead=per_node, call_overhead=per_call,
-                                   matmul_curve=tuple((f, r) for f, r in curve),
-                                   op_overheads=tuple(sorted((k, per_node * t / ops["aten.mul.Tensor"])
-                                                             for k, t in ops.items())))
+                                   dispatch_overhead=generic, call_overhead=per_call,
+                                   matmul_curve=tuple(curve), sdpa_curve=tuple(sdpa),
+                                   op_rates=tuple(sorted(rates.items())),
+                                   op_overheads=tuple(sorted(per_op.items())))
     raw: dict[str, Any] = {"matmul": [{"mkn": list(s), "flops": f, "flop_per_s": r}
                                       for s, (f, r) in zip(MATMUL_SIZES, curve)],
-                           "op_seconds": ops, "copy_bytes_per_s": bandwidth, "dispatch_s_per_node": per_node,
-                           "call_s": per_call}
+                           "sdpa": [{"seq": s, "flops": f, "flop_per_s": r} for s, (f, r) in zip(SDPA_SEQS, sdpa)],
+                           "op_s_per_element": rates,
+                           "op_seconds": ops, "copy_bytes_per_s": bandwidth, "op_mix_s_per_node": per_node,
+                           "op_mix_nodes_per_block": mix_counts, "call_s": per_call}
     spec = MeshSpec.parse(mesh)
     if spec.size > 1:
         n, colls = measure_collectives(spec)
         fits = []
-        for kind, rows in colls.items():
+        for kind, rows in colls["in_situ"].items():
             a, b = fit_line(rows)
             r = ROUNDS[kind]
             fits.append((kind, a / (r * (n - 1)), b * n / (r * (n - 1))))
@@ -246,22 +371,28 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
         alpha, beta = next((a, b) for k, a, b in fits if k == "all_reduce")
         figures.update(intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha, inter_beta=beta)
         raw["collectives"] = {"group_size": n, "mesh": str(spec),
-                              "seconds_by_bytes": {k: [list(p) for p in rows] for k, rows in colls.items()}}
+                              **{f"seconds_by_bytes_{how}": {k: [list(p) for p in rows] for k, rows in by_kind.items()}
+                                 for how, by_kind in colls.items()}}
     raw["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     raw["threads"] = threads
     return replace(base, name=name, **figures), raw
 
 
 SOURCES = {
-    "peak_flops": "the fastest size of the matmul_curve (meshc calibrate: torch.mm float32)",
+    "peak_flops": "the fastest size of the matmul_curve (meshc calibrate: aten.linear float32)",
     "mem_bandwidth": "meshc calibrate: least time of a copy of a 64 MB float32 tensor, read + write bytes",
-    "dispatch_overhead": "meshc calibrate: slope of CompiledModel calls over FX graphs of 1 and 401 tiny ATen ops",
+    "dispatch_overhead": "meshc calibrate: op_mix graphs' per-node slope through CompiledModel, shared between ops "
+                         "by their tight-loop times (op_costs): a generic (pointwise) node",
     "call_overhead": "meshc calibrate: intercept of the same fit (binding inputs, pytree, output)",
-    "matmul_curve": "meshc calibrate: least torch.mm time per size",
-    "op_overheads": "meshc calibrate: dispatch_overhead x (op's / aten.mul's least seconds per call on tiny "
-                    "inputs, 50-call loops)",
-    "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, "
-                       "relative least-squares t = a + b*bytes, as ring alpha/beta",
+    "matmul_curve": "meshc calibrate: least aten.linear(x[M, K], weight[N, K]) time per size",
+    "sdpa_curve": "meshc calibrate: least aten.scaled_dot_product_attention time per sequence length "
+                  "(transposed q, boolean causal mask)",
+    "op_rates": "meshc calibrate: least time of each op on ~1 MB operands less its tight-loop fixed cost, per element",
+    "op_overheads": "meshc calibrate: the op_mix per-node cost shared between ops by their tight-loop times "
+                    "on tiny inputs (op_costs)",
+    "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group after a "
+                       "compute phase (median, phase taken off), relative least-squares t = a + b*bytes, as ring "
+                       "alpha/beta",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",
     "inter_alpha": "the all_reduce fit (every local rank is on this host)", "inter_beta": "the all_reduce fit",
 }
@@ -284,10 +415,15 @@ def summary(preset: DevicePreset) -> str:
              f"({', '.join(f'{f:.0e}:{r / 1e9:.1f}' for f, r in preset.matmul_curve)} FLOPs:GFLOP/s); "
              f"copy {preset.mem_bandwidth / 1e9:.1f} GB/s; dispatch {preset.dispatch_overhead * 1e6:.2f} us per node, "
              f"{preset.call_overhead * 1e6:.1f} us per call"]
+    if preset.sdpa_curve:
+        lines.append(f"  attention: {', '.join(f'{f:.0e}:{r / 1e9:.1f}' for f, r in preset.sdpa_curve)} FLOPs:GFLOP/s")
+    if preset.op_rates:
+        rates = ", ".join(f"{k.split('.')[1]} {s * 1e9:.2f}" for k, s in preset.op_rates)
+        lines.append(f"  ns per element: {rates}")
     for kind, a, b in preset.collective_fits:
         lines.append(f"  {kind}: alpha {a * 1e6:.1f} us per ring step, {1 / b / 1e9 if b else math.inf:.2f} GB/s")
     return "\n".join(lines)
 
 
-__all__ = ["calibrate", "fit_line", "measure_collectives", "measure_dispatch", "measure_matmuls", "summary",
-           "write_preset"]
+__all__ = ["calibrate", "fit_line", "measure_collectives", "measure_dispatch", "measure_matmuls", "measure_op_rates",
+           "measure_sdpa", "op_costs", "op_mix", "summary", "write_preset"]

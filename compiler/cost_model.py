@@ -62,6 +62,8 @@ class DevicePreset:
     call_overhead: float = 0.0  # seconds per call of a compiled program, besides its nodes (binding inputs)
     op_overheads: tuple[tuple[str, float], ...] = ()  # measured (ATen op, seconds on tiny inputs); else dispatch
     matmul_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one matmul, FLOP/s); () = peak_flops
+    sdpa_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one attention, FLOP/s); () = matmul's
+    op_rates: tuple[tuple[str, float], ...] = ()  # measured (ATen op, seconds per element of its largest tensor)
     collective_fits: tuple[tuple[str, float, float], ...] = ()  # measured (collective, alpha, beta), in-node groups
     source: str = ""  # the preset file it came from, if any
 
@@ -109,7 +111,7 @@ def load_preset(path: str) -> DevicePreset:
     try:
         data = json.loads(file.read_text())
         figures = dict(data["figures"])
-        for k in ("matmul_curve", "collective_fits", "op_overheads"):
+        for k in ("matmul_curve", "sdpa_curve", "op_rates", "collective_fits", "op_overheads"):
             figures[k] = tuple(tuple(x) for x in figures.get(k, ()))
         return DevicePreset(name=data["name"], source=str(file), **figures)
     except (KeyError, TypeError, ValueError) as e:
@@ -303,34 +305,46 @@ def node_flops_and_bytes(node: fx.Node) -> tuple[int, int]:
     return sum(_numel(t) for t in outs), io_bytes
 
 
-def matmul_rate(flops: float, preset: DevicePreset | str) -> float:
-    """FLOP/s a matmul of `flops` reaches: the preset's measured curve (log-log interpolation,
-    clamped at its ends), else peak_flops."""
-    p = get_preset(preset)
-    curve = sorted(p.matmul_curve)
-    if not curve or flops <= 0:
-        return p.peak_flops
-    if flops <= curve[0][0]:
+def curve_rate(x: float, curve: tuple[tuple[float, float], ...], default: float) -> float:
+    """The rate a measured curve of (size, rate) gives at size x: log-log interpolation, clamped at its
+    ends; `default` without a curve."""
+    curve = tuple(sorted(curve))
+    if not curve or x <= 0:
+        return default
+    if x <= curve[0][0]:
         return curve[0][1]
     for (f0, r0), (f1, r1) in zip(curve, curve[1:]):
-        if flops <= f1:
-            w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+        if x <= f1:
+            w = (math.log(x) - math.log(f0)) / (math.log(f1) - math.log(f0))
             return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
     return curve[-1][1]
 
 
-_MATMUL_LIKE = {*_MATMUL_LHS, aten.scaled_dot_product_attention.default}
+def matmul_rate(flops: float, preset: DevicePreset | str) -> float:
+    """FLOP/s a matmul of `flops` reaches: the preset's measured curve, else peak_flops."""
+    p = get_preset(preset)
+    return curve_rate(flops, p.matmul_curve, p.peak_flops)
 
 
 def node_time(node: fx.Node, preset: DevicePreset | str) -> float:
-    """Predicted seconds for one FX node's compute on `preset`: roofline of node_flops_and_bytes,
-    matmuls at the rate the preset measured for their size (`matmul_rate`). Dispatch overhead is
-    per executed node and is added by whole-program predictions (`meshc.predict`), not here."""
+    """Predicted seconds for one FX node's compute on `preset`: roofline of node_flops_and_bytes with
+    the rates the preset measured — matmuls at the matmul curve's rate for their size, attention at
+    the SDPA curve's (else the matmul curve's), and an op with a measured per-element time
+    (`op_rates`: transcendental, broadcast and strided ops run below the copy bandwidth) at least
+    that times the elements of its largest tensor. Dispatch overhead is per executed node and is
+    added by whole-program predictions (`meshc.predict`), not here."""
     p = get_preset(preset)
     flops, nbytes = node_flops_and_bytes(node)
-    if p.matmul_curve and node.target in _MATMUL_LIKE:
-        return max(flops / matmul_rate(flops, p), nbytes / p.mem_bandwidth)
-    return compute_time(flops, nbytes, p)
+    memory = nbytes / p.mem_bandwidth
+    if node.target == aten.scaled_dot_product_attention.default and (p.sdpa_curve or p.matmul_curve):
+        return max(flops / (curve_rate(flops, p.sdpa_curve, 0.0) or matmul_rate(flops, p)), memory)
+    if p.matmul_curve and node.target in _MATMUL_LHS:
+        return max(flops / matmul_rate(flops, p), memory)
+    per_element = next((s for k, s in p.op_rates if k == str(node.target)), 0.0) if nbytes else 0.0
+    if per_element:
+        tensors = _tensors(node.meta.get("val")) + _input_tensors(node)
+        return max(flops / p.peak_flops, memory, per_element * max(_numel(t) for t in tensors))
+    return max(flops / p.peak_flops, memory)
 
 
 def _best_time(fn: Callable[[], object], budget: float) -> float:

@@ -34,7 +34,9 @@ def test_meshc_calibrate_writes_a_preset_that_preset_accepts(tmp_path, capsys):
     assert p.peak_flops == max(r for _, r in p.matmul_curve) > 0 and p.mem_bandwidth > 0
     assert p.dispatch_overhead > 0 and p.call_overhead >= 0
     ops = dict(p.op_overheads)
-    assert ops["aten.mul.Tensor"] == pytest.approx(p.dispatch_overhead)  # ratios to mul, scaled to graphs
+    assert ops["aten.mul.Tensor"] == pytest.approx(p.dispatch_overhead)  # a generic node costs as a pointwise op
+    assert len(p.sdpa_curve) == len(cal.SDPA_SEQS) and all(r > 0 for _, r in p.sdpa_curve)
+    assert set(dict(p.op_rates)) == set(cal._large_ops()) and all(s >= 0 for _, s in p.op_rates)
     assert p.overhead(torch.ops.aten.linear.default) == ops["aten.linear.default"]
     assert p.overhead(torch.ops.aten.rsqrt.default) == p.dispatch_overhead  # not measured: the generic figure
     assert p.link() == cm.PRESETS["cpu-gloo"].link() and not p.collective_fits  # no mesh: links not measured
@@ -45,22 +47,38 @@ def test_meshc_calibrate_writes_a_preset_that_preset_accepts(tmp_path, capsys):
 
 def test_collective_fits_become_ring_alpha_beta(monkeypatch):
     n = 2
-    measured = {"all_reduce": [(b, 1e-4 + b * 1e-9) for b in cal.MESSAGE_BYTES],
-                "all_gather_into_tensor": [(b, 5e-5 + b * 4e-10) for b in cal.MESSAGE_BYTES]}
-    monkeypatch.setattr(cal, "measure_collectives", lambda spec: (n, measured))
+    in_situ = {"all_reduce": [(b, 1e-4 + b * 1e-9) for b in cal.MESSAGE_BYTES],
+               "all_gather_into_tensor": [(b, 5e-5 + b * 4e-10) for b in cal.MESSAGE_BYTES]}
+    alone = {k: [(b, t / 3) for b, t in rows] for k, rows in in_situ.items()}
+    monkeypatch.setattr(cal, "measure_collectives", lambda spec: (n, {"alone": alone, "in_situ": in_situ}))
     monkeypatch.setattr(cal, "measure_matmuls", lambda s: [(1e6, 1e10), (1e8, 2e10)])
+    monkeypatch.setattr(cal, "measure_sdpa", lambda s: [(1e6, 5e9)])
+    monkeypatch.setattr(cal, "measure_op_rates", lambda s, fixed: {"aten.silu.default": 1e-9})
     monkeypatch.setattr(cal, "measure_bandwidth", lambda s: 5e9)
-    monkeypatch.setattr(cal, "measure_dispatch", lambda s: (1e-5, 2e-5))
+    mix = {"aten.mul.Tensor": 1, "aten.linear.default": 1}
+    monkeypatch.setattr(cal, "measure_dispatch", lambda s: (1e-5, 2e-5, mix))
     monkeypatch.setattr(cal, "measure_ops", lambda s: {"aten.mul.Tensor": 2e-6, "aten.linear.default": 6e-6})
     p, raw = cal.calibrate("tp=2", seconds=0.0)
-    # the preset reproduces what was measured, for the group size it was measured on
-    for kind, rows in measured.items():
+    # the preset reproduces the in-situ times (what a forward pays), for the group size they were measured on
+    for kind, rows in in_situ.items():
         for nbytes, t in rows:
             assert cm.collective_time(kind, nbytes, n, p) == pytest.approx(t, rel=1e-6)
-    assert dict(p.op_overheads)["aten.linear.default"] == pytest.approx(3e-5)
+    # the mix's two nodes (a mul and a linear) cost 2 x 1e-5 together, shared 2 : 6 as their tight loops
+    assert dict(p.op_overheads)["aten.linear.default"] == pytest.approx(1.5e-5)
+    assert p.dispatch_overhead == pytest.approx(0.5e-5)
     assert p.link() == p.fit("all_reduce")  # uncalibrated kinds and p2p use the all-reduce link
     assert p.fit("reduce_scatter_tensor") is None  # not measured: priced as the backend implements it
     assert raw["collectives"]["group_size"] == 2
+    assert raw["collectives"]["seconds_by_bytes_alone"]["all_reduce"][0] == list(alone["all_reduce"][0])
+
+
+def test_op_mix_is_the_mix_measure_dispatch_prices():
+    gm = cal.op_mix(3)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert len(targets) == 3 * 22
+    assert {"aten.linear.default", "aten.mean.dim", "aten.cat.default", "aten.silu.default",
+            "aten.transpose.int"} <= set(targets)
+    assert gm(*cal._mix_inputs())[0].shape == (2, 8, 32)
 
 
 def test_preset_files_cite_every_figure():
@@ -101,6 +119,26 @@ def test_forward_time_is_roofline_plus_per_op_overheads():
     assert pr.dispatch_s == pytest.approx(5e-6 + 3 * 1e-6 + 4e-6)
     assert pr.compute_s == pytest.approx(sum(cm.node_time(n, p) for n in nodes))
     assert pr.comm_s == 0 and pr.total_s == pytest.approx(pr.compute_s + pr.dispatch_s)
+
+
+def _node(fn, *args):
+    """The one ATen node of fn(*args) on FakeTensors, as capture leaves it."""
+    gm = fx.symbolic_trace(fn)
+    program = meshc.capture(gm, args, dynamic_shapes=None)
+    return next(n for n in program.graph.nodes if n.op == "call_function")
+
+
+def test_node_time_uses_the_measured_attention_curve_and_op_rates():
+    q = torch.randn(1, 2, 64, 8)
+    sdpa = _node(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q), q)
+    silu = _node(lambda x: torch.nn.functional.silu(x), torch.randn(4096))
+    base = cm.DevicePreset("t", 1e12, 1e12, 0, 0, 0, 0, 1, matmul_curve=((1.0, 1e11),))
+    flops, _ = cm.node_flops_and_bytes(sdpa)
+    assert cm.node_time(sdpa, base) == pytest.approx(flops / 1e11)  # no attention curve: the matmul rate
+    measured = cm.replace(base, sdpa_curve=((1.0, 1e9),), op_rates=(("aten.silu.default", 1e-9),))
+    assert cm.node_time(sdpa, measured) == pytest.approx(flops / 1e9)
+    assert cm.node_time(silu, base) == pytest.approx(4096 * 8 / 1e12)  # roofline: bytes / bandwidth
+    assert cm.node_time(silu, measured) == pytest.approx(4096 * 1e-9)  # slower per element than the roofline
 
 
 def test_peak_memory_frees_after_last_reader():
