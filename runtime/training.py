@@ -12,10 +12,11 @@ How it runs. The Program arrives with its collectives differentiable (`different
 and every trainable parameter read through a `zero_param` node (the `zero` pass, which records in
 `meta['meshc_zero']` what each placeholder holds). Here the trained tensors (`meshc.training_step.
 trained_groups`) become the slots' leaves. On first use per input shapes, target shapes and
-loss_fn, the compiler traces the step into one per-rank training-step Program
-(`meshc.training_step.training_step_program`: forward, loss, backward with the collectives'
-adjoints, the dp gradient reductions bucketed by the `bucket_gradients` pass; what `meshc show
---training` prints); `train_step` runs it and adds each returned gradient to `.grad` of its slot's
+loss_fn (`_function_key`: a function's code, defaults and closure values), the compiler traces
+the step into one per-rank training-step Program (`meshc.training_step.training_step_program`:
+forward, loss, backward with the collectives' adjoints, the dp gradient reductions bucketed by
+the `bucket_gradients` pass; what `meshc show --training` prints); `train_step` runs it without
+autograd (the graph holds the backward) and adds each returned gradient to `.grad` of its slot's
 leaf, so calling it N times before `opt.step()` is gradient accumulation.
 
 The optimizer is the given torch class over what this rank updates: the parameters (zero=0), a
