@@ -111,24 +111,29 @@ class Decoder:
         position = mask.sum(-1, keepdim=True)  # the next token's position per sequence
         out = [input_ids]
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        at_positions = torch.arange(length, device=input_ids.device)  # cache_position of each step: a view
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd state per op; what leaves the loop is copied by cat
             logits = self._prefill([input_ids, mask, *cache])
             for step in range(max_new_tokens):
                 token = choose(logits[:, -1, :])
-                token = torch.where(unfinished, token, pad)
-                out.append(token[:, None])
+                if len(eos):  # without eos every sequence runs to max_new_tokens
+                    token = torch.where(unfinished, token, pad)
+                token = token[:, None]
+                out.append(token)
                 if streamer is not None:
-                    streamer.put(token.cpu())
+                    streamer.put(token[:, 0].cpu())
                 if step == 0:
                     t1 = time.perf_counter()
                 if len(eos):
-                    unfinished &= ~torch.isin(token, eos)
-                if step == max_new_tokens - 1 or not bool(unfinished.any()):
+                    unfinished &= ~torch.isin(token[:, 0], eos)
+                    if not bool(unfinished.any()):
+                        break
+                if step == max_new_tokens - 1:
                     break
                 at = prompt + step
                 bias[..., at] = 0.0
-                logits = self._decode([token[:, None], position, torch.tensor([at], device=input_ids.device),
+                logits = self._decode([token, position, at_positions[at:at + 1],
                                        bias[..., :read_length(at + 1, length)], *cache])
                 position = position + 1
         t2 = time.perf_counter()
