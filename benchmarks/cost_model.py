@@ -87,6 +87,39 @@ def _allocated_peak(fn) -> int:
     return peak
 
 
+def _measure_parts(program, args: tuple, kwargs: dict, iters: int) -> dict:
+    """The forward split by `meshc.predict.part`: per part, the sum over its nodes of each node's
+    median wall time (ms) over `iters` runs of the graph under an FX Interpreter that times every
+    node (the Interpreter adds a few us per node, so parts of many small nodes read high), and
+    the same of thread CPU time: a collective's wall time less its CPU time is time spent waiting
+    for the other rank (or for the core)."""
+    import torch.fx as fx
+    from meshc.predict import part
+
+    wall: dict = {}
+    cpu: dict = {}
+
+    class Timed(fx.Interpreter):
+        def run_node(self, n):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = super().run_node(n)
+            wall.setdefault(n, []).append(time.perf_counter() - t0)
+            cpu.setdefault(n, []).append(time.thread_time() - c0)
+            return out
+
+    flat = [*program.state_args(), *program.bind_inputs(args, kwargs)]
+    with torch.no_grad():
+        for _ in range(iters):
+            Timed(program.gm).run(*flat)
+    parts: dict = {}
+    for n in wall:
+        if n.op == "call_function":
+            k = part(n)
+            w, c = parts.get(k, (0.0, 0.0))
+            parts[k] = (w + statistics.median(wall[n]) * 1e3, c + statistics.median(cpu[n]) * 1e3)
+    return {k: {"wall_ms": w, "cpu_ms": c} for k, (w, c) in parts.items()}
+
+
 def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule: str | None,
                   microbatches: int) -> dict:
     import meshc
@@ -114,10 +147,11 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
                 per_stage.setdefault(e["stage"], []).append(e["end"] - e["start"] - e["wait"])
             return {"stage_ms": {s: min(v) * 1e3 for s, v in per_stage.items()}}
         act = _allocated_peak(lambda: compiled(call_ids, **KW))
+    parts = _measure_parts(compiled.program, (call_ids,), KW, 10)
     q = statistics.quantiles(times, n=4)
     state, _ = peak_memory(compiled.program)
     return {"median_ms": statistics.median(times) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "min_ms": min(times) * 1e3,
+            "min_ms": min(times) * 1e3, "parts": parts,
             "activation_peak_bytes": act, "state_bytes": state, "memory_bytes": state + act}
 
 
@@ -140,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default=None, help="a `meshc calibrate` preset file (default: calibrate now)")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--out", default="results_cost_model_cpu.json", help="results file (in benchmarks/)")
     a = p.parse_args(argv)
     out_dir = Path(__file__).parent
     t0 = time.perf_counter()
@@ -172,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{m['q3_ms']:.2f}]; memory "
                       f"{pr['memory_bytes'] / 2**20:.2f} vs {m['memory_bytes'] / 2**20:.2f} MiB "
                       f"({100 * row['memory_error']:+.0f}%)", flush=True)
+                print("  by part, predicted / measured wall (cpu) ms: " + "; ".join(
+                    f"{k} {pr['parts_ms'].get(k, 0):.2f} / {v['wall_ms']:.2f} ({v['cpu_ms']:.2f})"
+                    for k, v in sorted(m["parts"].items())), flush=True)
                 rows.append(row)
     pipe_name = a.sizes.split(",")[-1]
     pr = predict(pipe_name, "pp=2", None, a.preset, schedule="forward", microbatches=2)
@@ -211,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/cost_model.py " + " ".join(argv or []),
     }
     print(json.dumps(result["summary"], indent=1))
-    (out_dir / "results_cost_model_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / a.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -30,8 +30,9 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
   alpha/beta for the group size (`collective_fits`). A collective the backend lacks (gloo has no
   reduce-scatter) is skipped: `meshc.redistribute` prices it as the backend implements it.
 
-Kernel times are the least of repeated runs: on a shared machine other jobs only add time, so
-the fastest run is the machine's own speed (compare them with least measured times). In-situ
+Kernel times are the least of repeated runs (the thread's CPU time with one torch thread): on a
+shared machine other jobs only add time, so the fastest run is the machine's own speed (compare
+them with least measured times). In-situ
 collective times are medians: a forward pays each of its collectives' usual wait for the other
 rank, not the luckiest one. Every rank uses rank 0's figures, so all ranks plan alike.
 """
@@ -64,14 +65,19 @@ ROUNDS = {"all_reduce": 2, "all_gather_into_tensor": 1, "reduce_scatter_tensor":
 
 def _least_time(fn: Callable[[], object], seconds: float, min_calls: int = 5) -> float:
     """Least seconds of repeated calls of fn within about `seconds` (after one warm-up): on a shared
-    machine other jobs only add time, so the fastest call is this machine's own speed."""
+    machine other jobs only add time, so the fastest call is this machine's own speed. With one
+    torch thread the calling thread's CPU time is timed: a call longer than the scheduler's time
+    slice is never run undisturbed beside other jobs, but its CPU time is what it costs (equal to
+    the wall time on an idle machine), less the clock's own least empty interval (~0.6 us)."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    bias = min(-clock() + clock() for _ in range(200))
     fn()
     times, start = [], time.perf_counter()
     while len(times) < min_calls or (time.perf_counter() - start < seconds and len(times) < 2000):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
-    return max(min(times), 1e-9)
+        times.append(clock() - t0)
+    return max(min(times) - bias, 1e-9)
 
 
 def measure_matmuls(seconds: float) -> list[tuple[float, float]]:

@@ -9,9 +9,11 @@ after the other; a collective's wait is where its time is spent):
 
     call_overhead + Σ_nodes [overhead(op) + node_time]  + Σ_collectives step_time
 
-where overhead(op) is the fixed time the preset measured for that ATen op on tiny inputs
-(`op_overheads`: linear, attention, reductions, ...), else its generic `dispatch_overhead`.
-`node_time` is the cost model's roofline (matmuls at the measured rate for their size);
+(`Prediction.parts` splits it by `part(node)`: matmul, attention, other ops, views,
+collectives), where overhead(op) is the fixed time the preset measured for that ATen op in a
+mixed graph (`op_overheads`: linear, attention, reductions, ...), else its generic
+`dispatch_overhead`. `node_time` is the cost model's roofline at the measured rates (matmuls and
+attention by size, per-element rates of the slower non-matmul ops);
 collectives are read from the graph (`_c10d_functional.*`: what runs, with the bytes the graph
 moves) and priced by `meshc.redistribute.step_time`, as the preset's process-group backend
 implements them. Peak memory: the state tensors (each storage once) plus the most bytes of
@@ -42,6 +44,7 @@ class Prediction:
     comm_s: float = 0.0  # collectives
     nodes: int = 0
     collectives: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)  # part(node) -> seconds (its nodes' compute + overhead)
 
     @property
     def total_s(self) -> float:
@@ -50,7 +53,26 @@ class Prediction:
     def as_dict(self) -> dict:
         return {"total_ms": self.total_s * 1e3, "compute_ms": self.compute_s * 1e3,
                 "dispatch_ms": self.dispatch_s * 1e3, "comm_ms": self.comm_s * 1e3, "nodes": self.nodes,
-                "collectives": dict(self.collectives)}
+                "collectives": dict(self.collectives), "parts_ms": {k: v * 1e3 for k, v in self.parts.items()}}
+
+
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+PARTS = ("matmul", "attention", "other ops", "views", "collectives")
+
+
+def part(node: fx.Node) -> str:
+    """Which part of a forward a call_function node is (PARTS): what the validation compares
+    predicted with measured time by."""
+    name = getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
+    if getattr(node.target, "namespace", "") == _C10D:
+        return "collectives"
+    if name in _MATMULS:
+        return "matmul"
+    if name == "scaled_dot_product_attention":
+        return "attention"
+    if getattr(node.target, "is_view", False) or node.target in _NOT_DISPATCHED or name.startswith("sym_"):
+        return "views"
+    return "other ops"
 
 
 def _group_size(program, node: fx.Node) -> int:
@@ -83,17 +105,19 @@ def forward_time(program, preset: DevicePreset | str) -> Prediction:
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
+        where, before = part(node), out.total_s
         if node.target not in _NOT_DISPATCHED:
             out.dispatch_s += p.overhead(node.target)
             out.nodes += 1
-        if getattr(node.target, "namespace", "") == _C10D:
+        if where == "collectives":
             found = _collective_step(program, node)
             if found is not None:
                 step, n = found
                 out.comm_s += step_time(step, n, p)
                 out.collectives[step.op] = out.collectives.get(step.op, 0) + 1
-            continue
-        out.compute_s += node_time(node, p)
+        else:
+            out.compute_s += node_time(node, p)
+        out.parts[where] = out.parts.get(where, 0.0) + out.total_s - before
     return out
 
 
@@ -146,4 +170,4 @@ def peak_memory(program) -> tuple[int, int]:
     return state, peak
 
 
-__all__ = ["Prediction", "forward_time", "peak_memory", "stage_times"]
+__all__ = ["PARTS", "Prediction", "forward_time", "part", "peak_memory", "stage_times"]

@@ -10,7 +10,7 @@ import torch.fx as fx
 from meshc import calibrate as cal
 from meshc import cost_model as cm
 from meshc.cli import main
-from meshc.predict import forward_time, peak_memory
+from meshc.predict import PARTS, forward_time, part, peak_memory
 from meshc.redistribute import Step, step_time
 
 
@@ -163,3 +163,7 @@ def test_collectives_priced_as_the_backend_runs_them(mlp):
         n if "gather" in str(n.target) or "all_reduce" in str(n.target) else n.args[0])), 2, gloo) for n in colls)
     assert pr.comm_s == pytest.approx(expected) and pr.comm_s > 0
     assert math.isfinite(pr.total_s)
+    # the parts the validation compares add up to the total (less the per-call overhead)
+    assert set(pr.parts) <= set(PARTS) and pr.parts["collectives"] >= pr.comm_s * (1 - 1e-9)
+    assert sum(pr.parts.values()) + gloo.call_overhead == pytest.approx(pr.total_s)
+    assert {part(n) for n in colls} == {"collectives"}
