@@ -484,11 +484,15 @@ def _programs_by_step(args):
     import meshc
 
     loaded, spec, pipeline = _load(args)
+    training = getattr(args, "training", False)
+    if training and loaded.example_inputs[0].dtype.is_floating_point:  # before capture: fail fast
+        raise MeshcError(f"meshc show --training traces the causal-LM loss, which needs token ids; {args.model}'s "
+                         f"input is {loaded.example_inputs[0].dtype}: the model is no causal LM")
     keep = _Keep()
     program = _capture(args, loaded, spec)
     manager = meshc.PassManager(pipeline, instruments=[keep])
     program = manager.run(program)
-    if not getattr(args, "training", False):
+    if not training:
         return loaded, manager, keep.programs
     from meshc.training_step import causal_lm_loss, step_pipeline, trace_training_step
 

@@ -62,7 +62,7 @@ def trained_groups(program: Program) -> list[list[int]]:
 def step_pipeline(program: Program) -> str:
     """The passes run on the step graph, options from the zero pass's record (`meta['meshc_zero']`)."""
     info = next((p.meta["meshc_zero"] for p in program.placeholders() if p.meta.get("meshc_zero")), {})
-    mb = info.get("bucket_bytes", 0) / 2**20
+    mb = info.get("bucket_mb", 0)
     return (f"bucket_gradients(bucket_mb={mb:g})," if mb else "") + "lint"
 
 

@@ -26,8 +26,8 @@ autograd saves of a gathered parameter for backward is not kept; backward gather
 while it is used. The default saves it (no second all-gather). `compute_dtype=bfloat16`: the runtime's train_step
 runs forward and loss under autocast to it (master weights, gradients, optimizer stay fp32;
 collectives move fp32). `bucket_mb` (default 25, as DDP): stages 2/3 gather and reduce-scatter
-each layer's parameters in buckets of at most that size (`bucket_layers`); stages 0/1 record it as
-`bucket_bytes`, and the `bucket_gradients` pass on the training-step graph
+each layer's parameters in buckets of at most that size (`bucket_layers`); stages 0/1 record it
+(`bucket_mb`), and the `bucket_gradients` pass on the training-step graph
 (`meshc.training_step`) merges consecutive gradient all-reduces into buckets of that size (one
 collective per bucket instead of one per parameter). Never touches a process group.
 """
@@ -241,7 +241,7 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: floa
         ph.replace_all_uses_with(node, delete_user_cb=lambda u, node=node: u is not node)
         ph.meta["meshc_zero"] = {"stage": stage, "dp": n, "shape": shape, "full": full.name if full else None,
                                  "recompute": bool(recompute and stage == 3), "compute_dtype": compute_dtype,
-                                 "bucket_bytes": int(bucket_mb * 2**20) if stage < 2 and n > 1 else 0}
+                                 "bucket_mb": bucket_mb if stage < 2 and n > 1 else 0}
         made += 1
     if stage >= 2 and bucket_mb > 0 and n > 1:
         buckets = bucket_layers(graph, int(bucket_mb * 2**20))

@@ -72,9 +72,10 @@ def train(compiled, model_name: str = "llama-tiny", batch: int = BATCH) -> list[
     return losses
 
 
-def _stages_rank(device_mesh, model_name: str, stages: list[int], batch: int = BATCH):
+def _stages_rank(device_mesh, model_name: str, stages: list[int], batch: int = BATCH, show: bool = False):
     """Every rank: capture once, then for each ZeRO stage the pipeline `compile(training=True,
-    zero=stage)` runs, on fresh copies of the captured weights; 20 steps; losses and the full parameters."""
+    zero=stage)` runs, on fresh copies of the captured weights; 20 steps; losses and the full parameters.
+    `show`: at zero=3 one more step, with the causal-LM loss; the code of the step Program it ran."""
     import meshc
     from meshc.mesh import MeshSpec
     from meshc.models import load_model
@@ -104,7 +105,14 @@ def _stages_rank(device_mesh, model_name: str, stages: list[int], batch: int = B
         # on a tp dim: rank 0's tp shards, and where they sit (the reference is cut the same way)
         where = ({program.fqn(n.name): n.meta.get("meshc_placement") for n in program.placeholders()},
                  program.mesh.coords(program.rank), program.mesh.sizes)
-        out[stage] = (losses, full if device_mesh is None or device_mesh.get_rank() == 0 else None, where)
+        code = None
+        if show and stage == 3:  # the step `meshc show --training` prints: its loss, the example batch as target
+            from meshc.training_step import causal_lm_loss
+
+            ids, kwargs = loaded.example_inputs[0], loaded.example_kwargs
+            compiled.train_step((ids,), ids, causal_lm_loss, kwargs)
+            code = compiled.training_program((ids,), ids, causal_lm_loss, kwargs).code()  # the one it ran
+        out[stage] = (losses, full if device_mesh is None or device_mesh.get_rank() == 0 else None, where, code)
     return out
 
 
@@ -125,7 +133,7 @@ def check(model_name: str, per_rank: list[dict], stages, exact: bool = False, ba
             losses = results[stage][0]
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7,
                                        msg=lambda m, s=stage: f"zero={s} losses: {m}")
-        _, params, (placements, coords, sizes) = per_rank[0][stage]
+        _, params, (placements, coords, sizes), _ = per_rank[0][stage]
         missing = {n for n in names if n not in params and TWIN.get(n) not in params}  # tied: either name
         assert not missing, (stage, missing)
         for name, p in params.items():
@@ -152,11 +160,23 @@ def test_one_device_training_equals_plain_training():
 
 
 @pytest.mark.timeout(400)
-def test_dp2_every_zero_stage_equals_plain_training():
+def test_dp2_every_zero_stage_equals_plain_training(capsys):
+    """Also: what `meshc show --training` prints for rank 0 is the step Program rank 0 ran."""
+    from meshc.cli import main
     from meshc.runtime import launch
 
+    from .test_training_step import _layer_gathers
+
     stages = [0, 1, 2, 3]
-    check("llama-tiny", launch(_stages_rank, "dp=2", "llama-tiny", stages, timeout=300), stages)
+    per_rank = launch(_stages_rank, "dp=2", "llama-tiny", stages, BATCH, True, timeout=300)
+    check("llama-tiny", per_rank, stages)
+    capsys.readouterr()  # zero=3: the prefetched layer gathers, their reduce-scatters
+    assert main(["show", "llama-tiny", "--mesh", "dp=2", "--training", "--zero", "3", "--batch", str(BATCH),
+                 "--seq", str(SEQ)]) == 0
+    header, _, code = capsys.readouterr().out.partition("\nclass GraphModule")
+    assert "# loss: causal-LM cross-entropy of the shifted logits" in header, header
+    assert "class GraphModule" + code == per_rank[0][3][3] + "\n"
+    assert _layer_gathers(code)[1] < code.index("aten.mm.default(")  # prefetch: layer 1's before layer 0's matmul
 
 
 @pytest.mark.slow

@@ -1,10 +1,9 @@
-"""The training-step Program (`meshc.training_step`): `meshc show --training` prints the graph
-`train_step` executes on each rank; the `bucket_gradients` pass makes one dp all-reduce per bucket
-of at most bucket_mb; zero=3's all-gathers are prefetched one layer ahead in the step graph."""
+"""The training-step Program (`meshc.training_step`): the `bucket_gradients` pass makes one dp
+all-reduce per bucket of at most bucket_mb with the same values; under `-m slow`, `meshc show
+--training` prints the step `train_step` runs at zero=1 and 3 (the default suite checks zero=3 in
+`test_training.py`'s dp=2 launch) and zero=3's all-gathers are prefetched one layer ahead."""
 
 from __future__ import annotations
-
-import argparse
 
 import pytest
 import torch
@@ -44,6 +43,7 @@ def _step_codes(device_mesh, stages: list[int]) -> dict:
     return out
 
 
+@pytest.mark.slow  # the default suite compares zero=3 in test_training.py's dp=2 launch
 @pytest.mark.timeout(300)
 def test_meshc_show_training_prints_the_step_train_step_runs(capsys):
     from meshc.runtime import launch
@@ -68,6 +68,8 @@ def _layer_gathers(code: str) -> list[int]:
     return [code.index(ln) for ln, shape in zip(lines, shapes) if shape == common]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(200)
 def test_without_prefetch_the_next_layer_is_gathered_later(capsys):
     """The control of the prefetch check above: with prefetch=0, layer 1 is gathered after layer 0's matmuls."""
     pipeline = "dce,auto_shard,spmd_partition,differentiable_collectives,zero(stage=3,prefetch=0),lint"
@@ -75,13 +77,23 @@ def test_without_prefetch_the_next_layer_is_gathered_later(capsys):
     assert _layer_gathers(code)[1] > code.index("aten.mm.default("), code
 
 
-def _step_programs(pipeline: str) -> tuple[list[str], list]:
-    from meshc.cli import _programs_by_step
+def _mlp_step(bucket_mb: float):
+    """Rank 0's dp=2 zero=1 MLP step (mse loss), no processes: the traced Program, then bucketed."""
+    import meshc
+    from meshc.models import load_model
+    from meshc.pipeline import resolve
+    from meshc.training import training_pipeline
+    from meshc.training_step import step_pipeline, trace_training_step
 
-    args = argparse.Namespace(model="llama-tiny", mesh="dp=2", pipeline=pipeline, plan="auto", schedule="1f1b",
-                              batch=2, seq=16, static=False, zero=None, training=True)
-    _, manager, programs = _programs_by_step(args)
-    return [c.name for c in manager.calls], programs
+    loaded = load_model("mlp", batch=4, seq=8)
+    program = meshc.capture(loaded.model, loaded.example_inputs, mesh="dp=2")
+    program.plan = "auto"
+    pipeline = training_pipeline(resolve("dp=2").pipeline, program.mesh, 1).replace("zero(stage=1)",
+                                                                                     f"zero(stage=1,bucket_mb={bucket_mb})")
+    program = meshc.PassManager(pipeline).run(program)
+    x = loaded.example_inputs[0]
+    traced = trace_training_step(program, [x], x, torch.nn.functional.mse_loss)
+    return traced, meshc.PassManager(step_pipeline(program)).run(traced), step_pipeline(program)
 
 
 def _dp_all_reduces(program) -> list[int]:
@@ -90,23 +102,59 @@ def _dp_all_reduces(program) -> list[int]:
     return [n.meta["val"].numel() for n in program.graph.nodes if n.target is target and n.args[2] == "dp@dp=2"]
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(120)
 def test_bucket_gradients_makes_one_all_reduce_per_bucket():
-    base = "dce,auto_shard,spmd_partition,differentiable_collectives,zero(stage=1,bucket_mb={}),lint"
-    names, programs = _step_programs(base.format(1))
-    traced = programs[names.index("training_step") + 1]
-    bucketed = programs[names.index("bucket_gradients") + 1]
+    traced, bucketed, pipeline = _mlp_step(0.1)
+    assert pipeline == "bucket_gradients(bucket_mb=0.1),lint"
     per_param = _dp_all_reduces(traced)
-    assert len(per_param) == 39  # llama-tiny's trained tensors, one all-reduce each before the pass
-    expected, size = [[]], 0  # consecutive gradients, at most 1 MB a bucket (a larger one alone)
+    assert len(per_param) == 6  # the MLP's weights and biases, one all-reduce each before the pass
+    expected, size = [[]], 0  # consecutive gradients, at most 0.1 MB a bucket (a larger one alone)
     for n in per_param:
-        if expected[-1] and size + 4 * n > 2**20:
+        if expected[-1] and size + 4 * n > 0.1 * 2**20:
             expected.append([])
             size = 0
         expected[-1].append(n)
         size += 4 * n
     assert _dp_all_reduces(bucketed) == [sum(b) for b in expected]
-    assert 3 < len(expected) < 39
-    assert "bucket_gradients: 39 dp gradient all-reduces in" in "\n".join(bucketed.notes)
-    names, programs = _step_programs(base.format(0))  # bucket_mb=0: no buckets, one per parameter
-    assert "bucket_gradients" not in names and len(_dp_all_reduces(programs[-1])) == 39
+    assert 1 < len(expected) < 6
+    assert f"bucket_gradients: 6 dp gradient all-reduces in {len(expected)} buckets" in "\n".join(bucketed.notes)
+    # each gradient output is its slice of its bucket's sum: the same values as the unbucketed step
+    inputs = [torch.randn(v.meta["val"].shape) if v.meta["val"].is_floating_point() else v.meta["val"]
+              for v in traced.placeholders()]
+    with torch.no_grad(), _all_reduce_doubles():
+        for got, want in zip(bucketed.gm(*inputs), traced.gm(*inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _all_reduce_doubles():
+    """Run a rank's graph without a process group: each collective as if the other dp rank held the
+    same values (all_reduce doubles, all_gather repeats, reduce_scatter keeps the doubled first block)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    c = torch.ops._c10d_functional
+
+    class TwoEqualRanks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is c.all_reduce.default:
+                return args[0] * 2
+            if func is c.wait_tensor.default:
+                return args[0]
+            if func is c.all_gather_into_tensor.default:
+                return torch.cat([args[0]] * args[1])
+            if func is c.reduce_scatter_tensor.default:
+                return args[0].chunk(args[2])[0] * args[2]
+            return func(*args, **(kwargs or {}))
+
+    return TwoEqualRanks()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["show", "mlp"], "meshc show needs --after PASS"),
+    (["show", "mlp", "--mesh", "dp=2", "--training"], "the model is no causal LM"),
+])
+def test_show_training_misuse_is_one_clear_line(argv, match, capsys):
+    from meshc.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("meshc: error:") and match in err and "Traceback" not in err
