@@ -28,6 +28,18 @@ def test_results_from_every_rank():
     assert all(r[1] == ("dp", "tp") and r[2] == (2, 2) and r[3] == 6.0 for r in out)
 
 
+def env_and_args(mesh, t, scale=1.0):
+    return os.environ.get("MESHC_TEST_VAR"), float(t.sum()) * scale
+
+
+def test_ranks_see_the_environment_at_the_call_and_the_arguments(monkeypatch):
+    """Ranks fork from a server started at the first launch; they must still see this process's
+    environment as it is now (set after that server started), and get tensor arguments by value."""
+    launch(all_reduce_rank, "tp=2", timeout=30)  # the forkserver is running from here on
+    monkeypatch.setenv("MESHC_TEST_VAR", "set later")
+    assert launch(env_and_args, "tp=2", torch.ones(3), scale=2.0, timeout=30) == [("set later", 6.0)] * 2
+
+
 def raise_on_rank1(mesh):
     if dist.get_rank() == 1:
         raise ValueError("bad shard on purpose")
