@@ -4,8 +4,9 @@ Entry point: `training_pipeline(pipeline, mesh, zero) -> str`. On a dp/tp mesh (
 the forward's passes run as for inference, then `differentiable_collectives` (every collective
 carries its adjoint from the one redistribution table) and `zero(stage=N)` (the trainable
 parameters' placements on dp and their gradients' reductions; with `mixed_precision='bf16'` its
-`compute_dtype` option, which train_step's autocast reads), before `lint`. The resulting
-Program is what `CompiledModel.train_step` differentiates (`meshc.runtime.training`). A pp mesh
+`compute_dtype` option, which the traced step's autocast reads), before `lint`. From the resulting
+Program `meshc.training_step` traces the per-rank training-step Program that
+`CompiledModel.train_step` runs (`meshc.runtime.training`). A pp mesh
 already trains through the pipeline runtime (its resolver adds the differentiable collectives);
 zero=1/2 there shard the optimizer state (and gradients) over its dp dim at run time
 (`meshc.runtime.pipeline_zero`); zero=3 there is not implemented yet, an error here, before capture.

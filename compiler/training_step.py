@@ -112,7 +112,8 @@ def trace_training_step(program: Program, flat_inputs: Sequence[Any], target: An
     gm = make_fx(step, tracing_mode="fake")(*state, *flat_inputs, *target_leaves)
     _name_placeholders(gm, program, len(target_leaves))
     gm.recompile()
-    step_program = replace(program.clone(), gm=gm, state=dict(program.state), split=None,
+    step_program = replace(program, gm=gm, state=dict(program.state), history=list(program.history),
+                           notes=list(program.notes), split=None,
                            out_spec=pytree.tree_flatten((0, [0] * len(groups)))[1])
     step_program.notes.append(f"training step: forward, {getattr(loss_fn, '__name__', 'loss_fn')}, backward of "
                               f"{len(groups)} trained tensors (AOT autograd)")

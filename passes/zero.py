@@ -22,14 +22,14 @@ its loss with 1/tp, as in the pipeline). Each trainable placeholder records what
 Stage 3's all-gathers are issued right before the first reader; the option `prefetch=1` moves
 each one before the previous layer's (one layer ahead). `recompute=true` (stage 3): what
 autograd saves of a gathered parameter for backward is not kept; backward gathers it again
-(`regather`; the runtime installs the saved-tensor hooks), so each full parameter lives only
-while it is used. The default saves it (no second all-gather). `compute_dtype=bfloat16`: the runtime's train_step
-runs forward and loss under autocast to it (master weights, gradients, optimizer stay fp32;
-collectives move fp32). `bucket_mb` (default 25, as DDP): stages 2/3 gather and reduce-scatter
-each layer's parameters in buckets of at most that size (`bucket_layers`); stages 0/1 record it
-(`bucket_mb`), and the `bucket_gradients` pass on the training-step graph
-(`meshc.training_step`) merges consecutive gradient all-reduces into buckets of that size (one
-collective per bucket instead of one per parameter). Never touches a process group.
+(`regather`; `meshc.training_step` traces the step under saved-tensor hooks that call it), so
+each full parameter lives only while it is used. The default saves it (no second all-gather).
+`compute_dtype=bfloat16`: the traced step runs forward and loss under autocast to it (master
+weights, gradients, optimizer stay fp32; collectives move fp32). `bucket_mb` (default 25, as
+DDP): stages 2/3 gather and reduce-scatter each layer's parameters in buckets of at most that
+size (`bucket_layers`); stages 0/1 record it (`bucket_mb`), and the `bucket_gradients` pass on
+the training-step graph (`meshc.training_step`) merges consecutive gradient all-reduces into
+buckets of that size (one collective per bucket instead of one per parameter). Never touches a process group.
 """
 
 from __future__ import annotations
