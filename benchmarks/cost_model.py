@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cost_model.py                # calibrate, then every config; ~10 min on 2 cores
     .venv/bin/python benchmarks/cost_model.py --preset FILE  # use an existing `meshc calibrate` file
+    .venv/bin/python benchmarks/cost_model.py --sizes llama-h128-l4 --iters 5 --out /tmp/smoke.json  # smoke run
 
 One run: (1) `meshc.calibrate` measures this machine with microbenchmarks only (matmuls,
 copy, ATen dispatch, gloo collectives on tp=2) — nothing is fitted to the configurations below;
@@ -11,7 +12,11 @@ and a pp=2 forward pipeline), rank 0's local Program is built without processes 
 configuration runs on a local gloo mesh (`meshc.launch`, one torch thread per rank): median forward
 time per rank: least (compared with the prediction, as calibration takes least times: other jobs
 only add time) and median with quartiles, and the peak of the bytes the forward allocates
-(torch profiler memory events) plus the rank's state bytes. After each config the
+(torch profiler memory events) plus the rank's state bytes; and the forward split by part
+(`meshc.predict.part`: matmul, attention, other ops, views, collectives), each part's measured
+wall and thread-CPU time per node (an FX Interpreter timing every node: it adds a few us per
+node) next to its predicted time — a collective's wall less its CPU time is the wait for the
+other rank. After each config the
 dispatch microbenchmark runs again (`dispatch_us_per_node_now`, not used to predict): how far the
 shared machine drifted from the calibration. Writes
 benchmarks/results_cost_model_cpu.json: per config predicted, measured, error; goals ±25% time,
