@@ -15,9 +15,9 @@ trained_groups`) become the slots' leaves. On first use per input shapes, target
 loss_fn (`_function_key`: a function's code, defaults and closure values), the compiler traces
 the step into one per-rank training-step Program (`meshc.training_step.training_step_program`:
 forward, loss, backward with the collectives' adjoints, the dp gradient reductions bucketed by
-the `bucket_gradients` pass; what `meshc show --training` prints); `train_step` runs it without
-autograd (the graph holds the backward) and adds each returned gradient to `.grad` of its slot's
-leaf, so calling it N times before `opt.step()` is gradient accumulation.
+the `bucket_gradients` pass; what `meshc show --training` prints); `train_step` runs it through
+the aten backend without autograd (the graph holds the backward) and adds each returned gradient
+to `.grad` of its slot's leaf, so calling it N times before `opt.step()` is gradient accumulation.
 
 The optimizer is the given torch class over what this rank updates: the parameters (zero=0), a
 flat dp block of each (zero=1: a view into the parameter, its gradient sliced from the
@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from meshc.backends import lower
 from meshc.errors import InputError, MeshcError
 from meshc.mesh import DP
 from meshc.placement import Replicate
@@ -166,7 +167,8 @@ class Trainer:
                              f"backward kernels. Compile with backend='aten' (or 'auto' on a CPU) to train.")
         self.compiled, self.program, mesh = compiled, program, program.mesh
         self.stage, self.dp = infos[0]["stage"], mesh.dp
-        self._programs: dict = {}
+        self._programs: dict = {}  # (input, target signatures, loss_fn) -> the step Program
+        self._runs: dict = {}  # id(step Program) -> (ids of the state it binds, the lowered callable)
         self.dp_coord = mesh.coord(program.rank, DP)
         self.dp_group = mesh.group_name(DP) if self.dp > 1 else None
         self.slots: list[Slot] = []
@@ -196,9 +198,9 @@ class Trainer:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         flat = self.program.bind_inputs(args, kwargs or {})
         self._check_batch(flat)
-        step = self._step_program(flat, target, loss_fn)
+        run = self._lowered(self._step_program(flat, target, loss_fn))
         with torch.no_grad():  # the graph holds the backward: no autograd around it
-            loss, *grads = step.gm(*self.program.state_args(), *flat, *torch.utils._pytree.tree_leaves(target))
+            loss, *grads = run([*flat, *torch.utils._pytree.tree_leaves(target)])
         for s, g in zip(self.slots, grads):
             s.leaf.grad = g if s.leaf.grad is None else s.leaf.grad + g
         return loss
@@ -223,6 +225,16 @@ class Trainer:
         if key not in self._programs:
             self._programs[key] = training_step_program(self.program, flat, target, loss_fn)
         return self._programs[key]
+
+    def _lowered(self, step):
+        """The step Program through the aten backend, its state bound; lowered again when the
+        model's state tensors were replaced (a checkpoint load), as `CompiledModel.rebind` does."""
+        ids = [id(t) for t in self.program.state_args()]
+        bound = self._runs.get(id(step))
+        if bound is None or bound[0] != ids:
+            step.state = dict(self.program.state)
+            bound = self._runs[id(step)] = (ids, lower(step, "aten")[0])
+        return bound[1]
 
     # ---- optimizer ------------------------------------------------------------------------------
     def make_optimizer(self, cls: type, **options: Any) -> torch.optim.Optimizer:
