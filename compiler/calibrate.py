@@ -16,7 +16,7 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
   transposed clone, a dtype cast) on ~1 MB operands, less their fixed cost → seconds per element,
   `op_rates` (silu and strided copies run far below the copy bandwidth);
 * memory bandwidth: copying a 64 MB tensor (read + write) → `mem_bandwidth`;
-* the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 20 blocks of the small ops a
+* the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 6 blocks of the small ops a
   transformer forward issues: linear, norm, head split, rotate-half, gated activation, residual)
   run through `CompiledModel` as compiled programs are: slope → seconds per node in a mixed graph,
   intercept → seconds per call (`call_overhead`); the fixed cost of each ATen op on tiny inputs in
@@ -184,7 +184,7 @@ def _mix_inputs() -> tuple[torch.Tensor, ...]:
 
 
 def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
-    """(seconds per node, seconds per call, {op: nodes in one block}) of op_mix graphs of 1 and 20
+    """(seconds per node, seconds per call, {op: nodes in one block}) of op_mix graphs of 1 and 6
     blocks run by the ATen backend through `CompiledModel`, as compiled programs are: the slope is
     the cost of a node in a mixed graph, the intercept the cost of a call."""
     from meshc.capture import capture
@@ -192,7 +192,7 @@ def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
 
     inputs = _mix_inputs()
     times, nodes, counts = {}, {}, {}
-    for blocks in (1, 20):
+    for blocks in (1, 6):
         program = capture(op_mix(blocks), inputs, dynamic_shapes=None)
         targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
         nodes[blocks] = len(targets)
@@ -201,7 +201,7 @@ def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
         compiled = CompiledModel(program, "aten")
         with torch.no_grad():
             times[blocks] = _least_time(lambda c=compiled: c(*inputs), seconds / 2)
-    per_node = max((times[20] - times[1]) / (nodes[20] - nodes[1]), 0.0)
+    per_node = max((times[6] - times[1]) / (nodes[6] - nodes[1]), 0.0)
     return per_node, max(times[1] - nodes[1] * per_node, 0.0), counts
 
 
