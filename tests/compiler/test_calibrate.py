@@ -167,3 +167,14 @@ def test_collectives_priced_as_the_backend_runs_them(mlp):
     assert set(pr.parts) <= set(PARTS) and pr.parts["collectives"] >= pr.comm_s * (1 - 1e-9)
     assert sum(pr.parts.values()) + gloo.call_overhead == pytest.approx(pr.total_s)
     assert {part(n) for n in colls} == {"collectives"}
+
+
+@pytest.mark.slow  # two gloo ranks, every collective at 8 sizes, alone and after a compute phase (~1 min)
+def test_collectives_are_measured_alone_and_in_situ_on_the_mesh():
+    n, colls = cal.measure_collectives("tp=2", iters=2, timeout=240)
+    assert n == 2 and set(colls) == {"alone", "in_situ"}
+    for how in ("alone", "in_situ"):
+        rows = colls[how]["all_reduce"]
+        assert [b for b, _ in rows] == [float(b) for b in cal.MESSAGE_BYTES]
+        assert all(0 < t < 10 for _, t in rows)
+    assert set(colls["in_situ"]) == set(colls["alone"])
