@@ -57,6 +57,8 @@ MATMUL_SIZES = ((8, 32, 32), (16, 64, 64), (32, 128, 128), (64, 128, 256), (128,
                 (256, 512, 512), (512, 512, 1024), (1024, 1024, 1024))
 #: sequence lengths of the attention measured ([2, 8, S, 64], boolean causal mask)
 SDPA_SEQS = (16, 64, 128, 256, 512)
+#: elements of the largest tensor each op of _large_ops touches
+LARGE_NUMEL = 2 * 128 * 1024
 #: message sizes (bytes as cost_model.collective_time counts them) for the collectives
 MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
 #: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
@@ -107,10 +109,6 @@ def measure_sdpa(seconds: float) -> list[tuple[float, float]]:
                 q, kv, kv, mask, scale=0.125), seconds / len(SDPA_SEQS))
             out.append((flops, flops / t))
     return out
-
-
-#: elements of the largest tensor each op of _large_ops touches
-LARGE_NUMEL = 2 * 128 * 1024
 
 
 def _large_ops() -> dict[str, Callable[[], object]]:
