@@ -7,8 +7,9 @@ speedup prediction. Entry points:
   `default_preset(program)`: the preset for where a Program's tensors live. Presets are
   `cpu-gloo` (below) and the files in `compiler/presets/` (`load_preset`: every figure with its
   published source); `get_preset` also takes the path of a `meshc calibrate` file. Measured
-  presets add a matmul curve (`matmul_rate`), per-node and per-op overheads and per-collective
-  alpha/beta fits; whole-program time and memory are `meshc.predict`'s.
+  presets add a matmul curve (`matmul_rate`), an attention curve and per-element op rates
+  (`curve_rate`, `node_time`), per-node and per-op overheads and per-collective alpha/beta fits;
+  whole-program time and memory are `meshc.predict`'s.
 - `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
   (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
   costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`. `p2p_time`:
