@@ -15,6 +15,9 @@ filled length rounded up to a power of two (at least MIN_READ, at most L). The d
 attends over those P cache positions only, so a short generation does not pay for the whole cache,
 and the graph sees a few distinct sizes (log2(L / MIN_READ) + 1 of them).
 
+The loop runs under `torch.inference_mode` (pipeline stages: `no_grad`), and does per step only
+what a step needs: at batch 1 on a CPU the step is small enough that Python per token shows.
+
 It never builds or rewrites a graph, and never calls the original model: only the lowered Programs.
 """
 
@@ -113,7 +116,9 @@ class Decoder:
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         at_positions = torch.arange(length, device=input_ids.device)  # cache_position of each step: a view
         t0 = time.perf_counter()
-        with torch.inference_mode():  # no autograd state per op; what leaves the loop is copied by cat
+        # inference_mode: no autograd bookkeeping per op (views cost less); what leaves the loop is
+        # copied by cat. Pipeline stages keep no_grad: their runtime is shared with training.
+        with torch.no_grad() if self.runners else torch.inference_mode():
             logits = self._prefill([input_ids, mask, *cache])
             for step in range(max_new_tokens):
                 token = choose(logits[:, -1, :])
