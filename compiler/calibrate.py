@@ -46,6 +46,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -82,15 +83,23 @@ def _least_time(fn: Callable[[], object], seconds: float, min_calls: int = 5) ->
     return max(min(times) - bias, 1e-9)
 
 
+def _backend_call(op):
+    """What the ATen backend calls for a graph node of ATen overload `op`: its torch binding where
+    `meshc.backends.aten.FAST_CALLS` has one (same kernel, a cheaper Python entry), else `op`."""
+    from meshc.backends.aten import FAST_CALLS
+
+    return FAST_CALLS.get(op, op)
+
+
 def measure_matmuls(seconds: float) -> list[tuple[float, float]]:
     """(FLOPs, FLOP/s) per size in MATMUL_SIZES, issued as a Linear's forward issues them:
     aten.linear(x[M, K], weight[N, K]) (the weight transposed), a fresh output each call."""
-    out = []
+    out, linear = [], _backend_call(torch.ops.aten.linear.default)
     with torch.no_grad():
         for m, k, n in MATMUL_SIZES:
             x, w = torch.randn(m, k), torch.randn(n, k)
             flops = 2.0 * m * k * n
-            t = _least_time(lambda x=x, w=w: torch.ops.aten.linear.default(x, w), seconds / len(MATMUL_SIZES))
+            t = _least_time(lambda x=x, w=w: linear(x, w), seconds / len(MATMUL_SIZES))
             out.append((flops, flops / t))
     return out
 
@@ -99,34 +108,35 @@ def measure_sdpa(seconds: float) -> list[tuple[float, float]]:
     """(FLOPs as cost_model counts them, FLOP/s) of aten.scaled_dot_product_attention as a decoder's
     forward issues it: q [2, 8, S, 64] a transposed view of [2, S, 8, 64], k and v contiguous, an
     explicit boolean causal mask [2, 1, S, S], for S in SDPA_SEQS (the CPU kernel is no plain matmul)."""
-    out = []
+    out, sdpa = [], _backend_call(torch.ops.aten.scaled_dot_product_attention.default)
     with torch.no_grad():
         for s in SDPA_SEQS:
             q, kv = torch.randn(2, s, 8, 64).transpose(1, 2), torch.randn(2, 8, s, 64)
             mask = torch.ones(s, s, dtype=torch.bool).tril().repeat(2, 1, 1, 1)
             flops = 2.0 * 2 * 8 * s * s * (64 + 64)
-            t = _least_time(lambda q=q, kv=kv, mask=mask: torch.ops.aten.scaled_dot_product_attention.default(
-                q, kv, kv, mask, scale=0.125), seconds / len(SDPA_SEQS))
+            t = _least_time(lambda q=q, kv=kv, mask=mask: sdpa(q, kv, kv, mask, scale=0.125), seconds / len(SDPA_SEQS))
             out.append((flops, flops / t))
     return out
 
 
 def _large_ops() -> dict[str, Callable[[], object]]:
     """The non-matmul ATen ops of a transformer forward, each on ~1 MB operands shaped as a forward
-    has them ([2, 128, 8, 128] activations, a [1024] norm weight broadcast, a rotary half)."""
-    aten = torch.ops.aten
+    has them ([2, 128, 8, 128] activations, a [1024] norm weight broadcast, a rotary half), each
+    called as the ATen backend calls it (`_backend_call`)."""
+    aten, b = torch.ops.aten, _backend_call
     x, y = torch.randn(2, 128, 1024), torch.randn(2, 128, 1024)
     w, heads = torch.randn(1024), torch.randn(2, 128, 8, 128)
     return {
-        "aten.mul.Tensor": lambda: aten.mul.Tensor(x, w),
-        "aten.add.Tensor": lambda: aten.add.Tensor(x, y),
-        "aten.silu.default": lambda: aten.silu.default(x),
-        "aten.pow.Tensor_Scalar": lambda: aten.pow.Tensor_Scalar(x, 2),
-        "aten.mean.dim": lambda: aten.mean.dim(x, [-1], True),
-        "aten.neg.default": lambda: aten.neg.default(x),
-        "aten.cat.default": lambda: aten.cat.default([x[..., :512], x[..., 512:]], -1),
-        "aten.clone.default": lambda: aten.clone.default(heads.transpose(1, 2), memory_format=torch.contiguous_format),
-        "aten._to_copy.default": lambda: aten._to_copy.default(x, dtype=torch.float64),
+        "aten.mul.Tensor": partial(b(aten.mul.Tensor), x, w),
+        "aten.add.Tensor": partial(b(aten.add.Tensor), x, y),
+        "aten.silu.default": partial(b(aten.silu.default), x),
+        "aten.pow.Tensor_Scalar": partial(b(aten.pow.Tensor_Scalar), x, 2),
+        "aten.mean.dim": partial(b(aten.mean.dim), x, [-1], True),
+        "aten.neg.default": partial(b(aten.neg.default), x),
+        "aten.cat.default": partial(b(aten.cat.default), [x[..., :512], x[..., 512:]], -1),
+        "aten.clone.default": partial(b(aten.clone.default), heads.transpose(1, 2),
+                                      memory_format=torch.contiguous_format),
+        "aten._to_copy.default": partial(b(aten._to_copy.default), x, dtype=torch.float64),
     }
 
 
@@ -204,24 +214,25 @@ def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
 
 
 def _tiny_ops() -> dict[str, Callable[[], object]]:
-    """ATen ops whose fixed cost differs from a plain pointwise op's, each on tiny inputs."""
-    aten = torch.ops.aten
+    """ATen ops whose fixed cost differs from a plain pointwise op's, each on tiny inputs, called as
+    the ATen backend calls it (`_backend_call`)."""
+    aten, b = torch.ops.aten, _backend_call
     x, w, i = torch.randn(4, 8), torch.randn(8, 8), torch.tensor([0, 2, 1, 3])
     q = torch.randn(1, 2, 4, 8)
     return {
-        "aten.linear.default": lambda: aten.linear.default(x, w),
+        "aten.linear.default": partial(b(aten.linear.default), x, w),
         "aten.scaled_dot_product_attention.default":
-            lambda: aten.scaled_dot_product_attention.default(q, q, q, None, 0.0, True),
-        "aten.mean.dim": lambda: aten.mean.dim(x, [-1], True),
-        "aten.cat.default": lambda: aten.cat.default([x, x], -1),
-        "aten.embedding.default": lambda: aten.embedding.default(w, i),
-        "aten.index.Tensor": lambda: aten.index.Tensor(x, [i]),
-        "aten.arange.default": lambda: aten.arange.default(8, dtype=torch.int64),
-        "aten.clone.default": lambda: aten.clone.default(x),
-        "aten.silu.default": lambda: aten.silu.default(x),
-        "aten._to_copy.default": lambda: aten._to_copy.default(x, dtype=torch.float64),
-        "aten.mul.Tensor": lambda: aten.mul.Tensor(x, x),
-        "aten.view.default": lambda: aten.view.default(x, [8, 4]),
+            partial(b(aten.scaled_dot_product_attention.default), q, q, q, None, 0.0, True),
+        "aten.mean.dim": partial(b(aten.mean.dim), x, [-1], True),
+        "aten.cat.default": partial(b(aten.cat.default), [x, x], -1),
+        "aten.embedding.default": partial(b(aten.embedding.default), w, i),
+        "aten.index.Tensor": partial(b(aten.index.Tensor), x, [i]),
+        "aten.arange.default": partial(b(aten.arange.default), 8, dtype=torch.int64),
+        "aten.clone.default": partial(b(aten.clone.default), x),
+        "aten.silu.default": partial(b(aten.silu.default), x),
+        "aten._to_copy.default": partial(b(aten._to_copy.default), x, dtype=torch.float64),
+        "aten.mul.Tensor": partial(b(aten.mul.Tensor), x, x),
+        "aten.view.default": partial(b(aten.view.default), x, [8, 4]),
     }
 
 
