@@ -19,9 +19,9 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
 * the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 6 blocks of the small ops a
   transformer forward issues: linear, norm, head split, rotate-half, gated activation, residual)
   run through `CompiledModel` as compiled programs are: slope → seconds per node in a mixed graph,
-  intercept → seconds per call (`call_overhead`); the fixed cost of each ATen op on tiny inputs in
-  a tight loop gives only the ratios between ops (`op_costs`): → `dispatch_overhead` (a generic
-  node) and `op_overheads`;
+  intercept → seconds per call (`call_overhead`); each ATen op's cost on tiny inputs in a tight
+  loop plus the graph's own cost per node (what the mix measures beyond its ops' tight loops:
+  `op_costs`) → `dispatch_overhead` (a generic node) and `op_overheads`;
 * collectives on the mesh's process group (`meshc.launch`, one process per rank) exactly as the
   graphs issue them (`torch.ops._c10d_functional.*` + `wait_tensor`), 1 KB .. 16 MB, both alone
   after a barrier and in situ — after a compute phase, without a barrier, as a forward issues them
@@ -238,8 +238,7 @@ def _tiny_ops() -> dict[str, Callable[[], object]]:
 
 def measure_ops(seconds: float) -> dict[str, float]:
     """Seconds per call of each op in `_tiny_ops` (least of 50-call loops: Python call + dispatch + kernel).
-    A loop of one op runs hotter than a graph's mix of ops, so `calibrate` uses them only as ratios:
-    scaled so that op_mix's nodes add up to the per-node cost measured on it (`op_costs`)."""
+    A graph adds its own cost per node to these (`op_costs`)."""
     out = {}
     with torch.no_grad():
         for name, fn in _tiny_ops().items():
@@ -251,13 +250,14 @@ def measure_ops(seconds: float) -> dict[str, float]:
 
 
 def op_costs(per_node: float, mix_counts: dict[str, int], ops: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """(generic seconds per node, {op: seconds per node}) in a mixed graph: the tight-loop times `ops`
-    scaled by one factor, so that op_mix's nodes (`mix_counts`; an op not in `ops` costs as
-    aten.mul) add up to `per_node` each on average, as measured."""
+    """(generic seconds per node, {op: seconds per node}) in a mixed graph: each op's tight-loop
+    time `ops` (its own entry and kernel) plus one graph cost per node, the same for every op (the
+    generated forward's line, its argument passing), chosen so that op_mix's nodes (`mix_counts`;
+    an op not in `ops` costs as aten.mul) average `per_node`, as measured on it."""
     generic = ops["aten.mul.Tensor"]
-    loop_total = sum(c * ops.get(op, generic) for op, c in mix_counts.items())
-    scale = per_node * sum(mix_counts.values()) / loop_total
-    return scale * generic, {op: scale * t for op, t in ops.items()}
+    loop_mean = sum(c * ops.get(op, generic) for op, c in mix_counts.items()) / sum(mix_counts.values())
+    graph = max(per_node - loop_mean, 0.0)
+    return generic + graph, {op: t + graph for op, t in ops.items()}
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -396,15 +396,15 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
 SOURCES = {
     "peak_flops": "the fastest size of the matmul_curve (meshc calibrate: aten.linear float32)",
     "mem_bandwidth": "meshc calibrate: least time of a copy of a 64 MB float32 tensor, read + write bytes",
-    "dispatch_overhead": "meshc calibrate: op_mix graphs' per-node slope through CompiledModel, shared between ops "
-                         "by their tight-loop times (op_costs): a generic (pointwise) node",
+    "dispatch_overhead": "meshc calibrate: aten.mul's tight-loop time plus the graph's own cost per node (op_mix "
+                         "graphs' per-node slope through CompiledModel less their ops' mean tight-loop time; op_costs)",
     "call_overhead": "meshc calibrate: intercept of the same fit (binding inputs, pytree, output)",
     "matmul_curve": "meshc calibrate: least aten.linear(x[M, K], weight[N, K]) time per size",
     "sdpa_curve": "meshc calibrate: least aten.scaled_dot_product_attention time per sequence length "
                   "(transposed q, boolean causal mask)",
     "op_rates": "meshc calibrate: least time of each op on ~1 MB operands less its tight-loop fixed cost, per element",
-    "op_overheads": "meshc calibrate: the op_mix per-node cost shared between ops by their tight-loop times "
-                    "on tiny inputs (op_costs)",
+    "op_overheads": "meshc calibrate: each op's tight-loop time on tiny inputs plus the graph's own cost per "
+                    "node (op_costs)",
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group after a "
                        "compute phase (median, phase taken off), relative least-squares t = a + b*bytes, as ring "
                        "alpha/beta",
