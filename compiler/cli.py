@@ -485,7 +485,10 @@ def _programs_by_step(args):
 
     loaded, spec, pipeline = _load(args)
     training = getattr(args, "training", False)
-    if training and loaded.example_inputs[0].dtype.is_floating_point:  # before capture: fail fast
+    if training and spec.pp > 1:  # before capture: fail fast
+        raise MeshcError(f"meshc show --training: mesh '{spec}' has a pp dim, which the pipeline runtime trains "
+                         f"stage by stage with no one training-step graph; use --after split_stages")
+    if training and loaded.example_inputs[0].dtype.is_floating_point:
         raise MeshcError(f"meshc show --training traces the causal-LM loss, which needs token ids; {args.model}'s "
                          f"input is {loaded.example_inputs[0].dtype}: the model is no causal LM")
     keep = _Keep()

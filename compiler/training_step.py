@@ -75,8 +75,13 @@ def training_step_program(program: Program, flat_inputs: Sequence[Any], target: 
 
 
 def trace_training_step(program: Program, flat_inputs: Sequence[Any], target: Any, loss_fn: Callable) -> Program:
+    """The step graph as traced (before the step pipeline), as a Program sharing `program`'s state."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    if program.split is not None:
+        raise MeshcError(f"mesh '{program.mesh}' has a pp dim: the pipeline runtime trains it stage by stage "
+                         f"(PipelineModel.train_step), with no one training-step graph; show its stages with "
+                         f"`meshc show MODEL --mesh {program.mesh} --after split_stages`")
     infos = [p.meta["meshc_zero"] for p in program.placeholders() if p.meta.get("meshc_zero")]
     if not infos:
         raise MeshcError(f"{program.model_name} was compiled for inference; compile with "

@@ -151,6 +151,7 @@ def _all_reduce_doubles():
 @pytest.mark.parametrize("argv, match", [
     (["show", "mlp"], "meshc show needs --after PASS"),
     (["show", "mlp", "--mesh", "dp=2", "--training"], "the model is no causal LM"),
+    (["show", "llama-tiny", "--mesh", "pp=2", "--training"], "use --after split_stages"),
 ])
 def test_show_training_misuse_is_one_clear_line(argv, match, capsys):
     from meshc.cli import main
