@@ -5,7 +5,8 @@ imports the runtime, and when it cannot apply it raises an error naming the node
 Importing this package registers every pass (see `meshc passes` for the table). Everything that
 rewrites a graph is a pass — sharding (`auto_shard`, `spmd_partition`), pipeline stages
 (`pipeline_partition`, `split_stages`), training plumbing (`differentiable_collectives`,
-`weight_grad_outputs`, `zero`, and on the training-step graph `bucket_gradients`) — so `meshc show --after NAME` prints every program that runs.
+`weight_grad_outputs`, `zero`, and on the training-step graph `bucket_gradients`) — so `meshc
+show --after NAME` prints every program that runs.
 """
 
 from meshc.passes import (  # noqa: F401
