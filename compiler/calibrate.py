@@ -214,8 +214,8 @@ def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
 
 
 def _tiny_ops() -> dict[str, Callable[[], object]]:
-    """ATen ops whose fixed cost differs from a plain pointwise op's, each on tiny inputs, called as
-    the ATen backend calls it (`_backend_call`)."""
+    """The ATen ops a transformer forward issues most, each on tiny inputs, called as the ATen
+    backend calls it (`_backend_call`: some through a cheaper torch binding, some not)."""
     aten, b = torch.ops.aten, _backend_call
     x, w, i = torch.randn(4, 8), torch.randn(8, 8), torch.tensor([0, 2, 1, 3])
     q = torch.randn(1, 2, 4, 8)
@@ -233,6 +233,16 @@ def _tiny_ops() -> dict[str, Callable[[], object]]:
         "aten._to_copy.default": partial(b(aten._to_copy.default), x, dtype=torch.float64),
         "aten.mul.Tensor": partial(b(aten.mul.Tensor), x, x),
         "aten.view.default": partial(b(aten.view.default), x, [8, 4]),
+        "aten._unsafe_view.default": partial(b(aten._unsafe_view.default), x, [8, 4]),
+        "aten.slice.Tensor": partial(b(aten.slice.Tensor), x, 1, 0, 4),
+        "aten.expand.default": partial(b(aten.expand.default), x[None], [2, 4, 8]),
+        "aten.unsqueeze.default": partial(b(aten.unsqueeze.default), x, 0),
+        "aten.transpose.int": partial(b(aten.transpose.int), x, 0, 1),
+        "aten.add.Tensor": partial(b(aten.add.Tensor), x, x),
+        "aten.neg.default": partial(b(aten.neg.default), x),
+        "aten.pow.Tensor_Scalar": partial(b(aten.pow.Tensor_Scalar), x, 2),
+        "aten.rsqrt.default": partial(b(aten.rsqrt.default), x),
+        "aten.where.self": partial(b(aten.where.self), x > 0, x, x),
     }
 
 

@@ -307,13 +307,14 @@ def node_flops_and_bytes(node: fx.Node) -> tuple[int, int]:
 
 
 def curve_rate(x: float, curve: tuple[tuple[float, float], ...], default: float) -> float:
-    """The rate a measured curve of (size, rate) gives at size x: log-log interpolation, clamped at its
-    ends; `default` without a curve."""
+    """The rate a measured curve of (size, rate) gives at size x: log-log interpolation; above the
+    curve its last rate; below it the smallest size's *time* (a call that small is its fixed cost);
+    `default` without a curve."""
     curve = tuple(sorted(curve))
     if not curve or x <= 0:
         return default
     if x <= curve[0][0]:
-        return curve[0][1]
+        return curve[0][1] * x / curve[0][0]
     for (f0, r0), (f1, r1) in zip(curve, curve[1:]):
         if x <= f1:
             w = (math.log(x) - math.log(f0)) / (math.log(f1) - math.log(f0))
