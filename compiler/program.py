@@ -112,6 +112,10 @@ class Program:
         """Placeholders in order, optionally only those of one `meshc_input` kind."""
         return [n for n in self.graph.nodes if n.op == "placeholder" and kind in (None, n.meta["meshc_input"])]
 
+    def state_placeholders(self) -> list[fx.Node]:
+        """The placeholders the Program's state feeds (not user inputs, not received values), in order."""
+        return [n for n in self.placeholders() if n.meta["meshc_input"] not in ("user", "recv")]
+
     def fqn(self, placeholder_name: str) -> str:
         """The model-side name (`meshc_name`) of a placeholder, e.g. 'lm_head.weight'."""
         return next(n.meta["meshc_name"] for n in self.placeholders() if n.name == placeholder_name)
@@ -147,7 +151,7 @@ class Program:
 
     def state_args(self) -> list[torch.Tensor]:
         """The state tensors in placeholder order: a graph takes them first, then its flat inputs."""
-        return [self.state[n.name] for n in self.placeholders() if n.meta["meshc_input"] not in ("user", "recv")]
+        return [self.state[n.name] for n in self.state_placeholders()]
 
     # ---- calling convention ----------------------------------------------------------------
     def bind_inputs(self, args: tuple, kwargs: dict) -> list[Any]:

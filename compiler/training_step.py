@@ -51,9 +51,8 @@ def causal_lm_loss(output: Any, target: torch.Tensor) -> torch.Tensor:
 def trained_groups(program: Program) -> list[list[int]]:
     """Indices into `program.state_args()` of each trained tensor: the read trainable placeholders,
     tied ones (one tensor object) in one group, in placeholder order."""
-    state_nodes = [p for p in program.placeholders() if p.meta["meshc_input"] not in ("user", "recv")]
     groups: dict[int, list[int]] = {}
-    for i, ph in enumerate(state_nodes):
+    for i, ph in enumerate(program.state_placeholders()):
         if trainable(ph) and ph.users:
             groups.setdefault(id(program.state[ph.name]), []).append(i)
     return list(groups.values())

@@ -24,7 +24,7 @@ def lint_program(program: Program) -> None:
         program.graph.lint()
     except Exception as e:
         raise MeshcError(f"graph lint failed: {e}") from e
-    state_nodes = {n.name for n in program.placeholders() if n.meta.get("meshc_input") not in ("user", "recv")}
+    state_nodes = {n.name for n in program.state_placeholders()}
     if state_nodes != set(program.state):
         raise MeshcError(f"state and placeholders disagree: missing tensors for "
                          f"{sorted(state_nodes - set(program.state))}, tensors without a placeholder "

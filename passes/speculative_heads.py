@@ -89,7 +89,7 @@ def speculative_heads(program: Program, *, heads: int = 4, layers: int = 1, weig
     tensors = _head_tensors(program.state[weight.name], heads, layers, weights)
     graph = program.graph
     mode = weight.meta["val"].fake_mode
-    last_state = [n for n in program.placeholders() if n.meta["meshc_input"] not in ("user", "recv")][-1]
+    last_state = program.state_placeholders()[-1]
     params: dict[str, fx.Node] = {}
     with graph.inserting_before(last_state.next):  # state placeholders come before the user inputs
         for key in head_keys(heads, layers):

@@ -206,7 +206,7 @@ def zero(program: Program, *, stage: int = 0, prefetch: int = 1, bucket_mb: floa
     group = mesh.group_name(DP) if n > 1 else ""
     graph, made, shards = program.graph, 0, {}
     order = {node: i for i, node in enumerate(graph.nodes)}
-    last_ph = [p for p in program.placeholders() if p.meta["meshc_input"] not in ("user", "recv")][-1]
+    last_ph = program.state_placeholders()[-1]
     for ph in [p for p in program.placeholders() if trainable(p)]:
         if not ph.users:
             continue

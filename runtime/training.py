@@ -156,7 +156,7 @@ class Slot:
 class Trainer:
     def __init__(self, compiled):
         program = compiled.program
-        state_nodes = [p for p in program.placeholders() if p.meta["meshc_input"] not in ("user", "recv")]
+        state_nodes = program.state_placeholders()
         groups = [[state_nodes[i] for i in g] for g in trained_groups(program)]
         infos = [g[0].meta.get("meshc_zero") for g in groups]
         if not infos or any(i is None for i in infos):
