@@ -43,6 +43,15 @@ import torch
 from meshc.errors import MeshError
 from meshc.placement import Partial, Placement, Replicate, Shard, describe
 
+
+def c10d():
+    """torch's functional collectives (`_c10d_functional`), the ops every emitted collective calls;
+    imported on first use (registering them costs start-up time)."""
+    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
+
+    return torch.ops._c10d_functional
+
+
 #: collective -> the collective its backward runs (all-gather <-> reduce-scatter).
 ADJOINT = {"all_reduce": "all_reduce", "all_gather_into_tensor": "reduce_scatter_tensor",
            "reduce_scatter_tensor": "all_gather_into_tensor", "all_to_all_single": "all_to_all_single"}

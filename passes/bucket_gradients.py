@@ -24,12 +24,7 @@ import torch.fx as fx
 from meshc.mesh import DP
 from meshc.pipeline import register_pass
 from meshc.program import Program
-
-
-def _c10d():
-    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
-
-    return torch.ops._c10d_functional
+from meshc.redistribute import c10d
 
 
 @register_pass("bucket_gradients", preserves_semantics=True,
@@ -52,7 +47,7 @@ def bucket_gradients(program: Program, *, bucket_mb: float = 25.0) -> Program:
 
 def _buckets(graph: fx.Graph, group: str, max_bytes: int) -> list[list[tuple[fx.Node, fx.Node]]]:
     """(all_reduce, wait) pairs on `group` in graph order, grouped as the module docstring says."""
-    c = _c10d()
+    c = c10d()
     order = {n: i for i, n in enumerate(graph.nodes)}
     pairs = [(n, next(iter(n.users))) for n in graph.nodes
              if n.target is c.all_reduce.default and n.args[2] == group and len(n.users) == 1]
@@ -71,7 +66,7 @@ def _buckets(graph: fx.Graph, group: str, max_bytes: int) -> list[list[tuple[fx.
 
 
 def _merge(graph: fx.Graph, members: list[tuple[fx.Node, fx.Node]]) -> None:
-    c, aten = _c10d(), torch.ops.aten
+    c, aten = c10d(), torch.ops.aten
     last = members[-1][0]
     group = last.args[2]
     vals = [w.meta["val"] for _, w in members]

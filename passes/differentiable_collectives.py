@@ -20,18 +20,12 @@ from meshc.collectives import collective_name
 from meshc.errors import MeshError
 from meshc.pipeline import register_pass
 from meshc.program import Program
-from meshc.redistribute import ADJOINT
-
-
-def _c10d():
-    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
-
-    return torch.ops._c10d_functional
+from meshc.redistribute import ADJOINT, c10d
 
 
 def _run(op: str, x: torch.Tensor, n: int, group: str, splits: tuple | None = None) -> torch.Tensor:
     """Issue collective `op` (sum reductions) and wait for it."""
-    c = _c10d()
+    c = c10d()
     x = x.contiguous()
     if op == "all_reduce":
         return c.wait_tensor(c.all_reduce(x, "sum", group))
@@ -95,7 +89,7 @@ def differentiable_collectives(program: Program) -> Program:
 
 
 def _rewrite(gm: fx.GraphModule) -> int:
-    wait = _c10d().wait_tensor.default
+    wait = c10d().wait_tensor.default
     replaced: set[fx.Node] = set()
     for node in list(gm.graph.nodes):
         name = collective_name(node)

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from meshc.mesh import DP
-from meshc.redistribute import flat_block, flat_shard, pad_flat
-from meshc.runtime.training import _c10d, gather_blocks
+from meshc.redistribute import c10d, flat_block, flat_shard, pad_flat
+from meshc.runtime.training import gather_blocks
 
 
 class PipelineZero:
@@ -35,7 +35,7 @@ class PipelineZero:
 
     def reduce_scatter(self, grads: dict[int, torch.Tensor]) -> None:
         """Stage 2: each summed-over-dp gradient's block (the mean over replicas), accumulated."""
-        c = _c10d()
+        c = c10d()
         for p in self.params:
             g = grads.pop(id(p), None)
             g = torch.zeros_like(p) if g is None else g

@@ -41,14 +41,8 @@ from meshc.backends import lower
 from meshc.errors import InputError, MeshcError
 from meshc.mesh import DP
 from meshc.placement import Replicate
-from meshc.redistribute import flat_block, flat_shard, pad_flat
+from meshc.redistribute import c10d, flat_block, flat_shard, pad_flat
 from meshc.training_step import trained_groups, training_step_program
-
-
-def _c10d():
-    import torch.distributed._functional_collectives  # noqa: F401 - registers the ops
-
-    return torch.ops._c10d_functional
 
 
 def _signature(values: list) -> tuple:
@@ -77,7 +71,7 @@ def gather_blocks(pairs: list[tuple[torch.Tensor, torch.Tensor]], n: int, group)
     ranks of `group` (a bucket laid out n x padded blocks) writes every full tensor."""
     sizes = [flat_shard(full.numel(), n)[1] for _, full in pairs]
     bucket = torch.cat([pad_flat(block.detach(), size) for (block, _), size in zip(pairs, sizes)])
-    c = _c10d()
+    c = c10d()
     gathered = c.wait_tensor(c.all_gather_into_tensor(bucket, n, group)).view(n, -1)
     offset = 0
     for (_, full), size in zip(pairs, sizes):
@@ -301,7 +295,7 @@ class Trainer:
         """FQN -> this rank's local (tp-sharded) parameter, all-gathered over dp where it is
         sharded there (a collective: every rank must call it)."""
         out = {}
-        c = _c10d()
+        c = c10d()
         for s in self.slots:
             if self.stage < 2:
                 out[s.fqn] = (s.full if s.full is not None else s.leaf).detach()
