@@ -120,7 +120,14 @@ def check_forward(per_rank, exact=True):
             assert eager_err <= 1e-5 and same_type  # and the model's own output structure
 
 
-def check_training(model_name, per_rank, cases, atol=1e-7):
+#: Gradient tolerance beyond rtol 1e-5. Without tp the pipeline sums the same products in the same order
+#: (1e-7); under tp, all-reduces and reduce-scatters sum the ranks' partial products in another order, which
+#: moves near-zero fp32 gradients by ~1e-7 (1.05e-7 seen on pp=2,tp=2): 1e-6 there, still 10x tighter than
+#: torch.testing's float32 default (atol 1e-5).
+ATOL, TP_ATOL = 1e-7, 1e-6
+
+
+def check_training(model_name, per_rank, cases, atol=ATOL):
     from meshc.models import load_model
 
     every = {n for n, _ in load_model(model_name).model.named_parameters()}
@@ -161,7 +168,7 @@ def test_forward_and_every_schedule_on_four_ranks(mesh, forward_mbs, exact, mode
     train = [(s, 4, v) for s, v in TRAIN_SCHEDULES]
     fwd, tr = run_cases(model_name, mesh, [("forward", forward_mbs, 1)], train, timeout=500)
     check_forward(fwd, exact=exact)
-    check_training(model_name, tr, train)
+    check_training(model_name, tr, train, atol=ATOL if exact else TP_ATOL)
 
 
 # ---- meshc.compile on a pp mesh, errors, timeouts ----------------------------------------------------
@@ -202,7 +209,7 @@ def test_compile_on_pp2_tp2_with_the_auto_shard_plan():
     all_gather <-> reduce_scatter adjoint is exercised here."""
     results = launch(_compiled_rank, "pp=2,tp=2", timeout=360)
     check_forward([[r[0]] for r in results], exact=False)
-    check_training("llama-tiny", [[r[1]] for r in results], ["zb-h1"])
+    check_training("llama-tiny", [[r[1]] for r in results], ["zb-h1"], atol=TP_ATOL)
     for _, _, history, _ in results:
         assert [h.split("(")[0] for h in history] == ["dce", "pipeline_partition", "auto_shard", "spmd_partition",
                                                       "split_stages", "differentiable_collectives",
