@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/cost_model.py --sizes llama-h128-l4 --iters 5 --out /tmp/smoke.json  # smoke run
 
 One run: (1) `meshc.calibrate` measures this machine with microbenchmarks only (matmuls,
-copy, ATen dispatch, gloo collectives on tp=2) — nothing is fitted to the configurations below;
+copy, ATen dispatch, gloo collectives and point-to-point on tp=2) — nothing is fitted to the configurations below;
 (2) for each configuration (two Llama sizes x tp=1, tp=2 x plans auto / megatron / replicated,
 and a pp=2 forward pipeline), rank 0's local Program is built without processes (the passes
 `meshc.compile` runs) and `meshc.predict` prices it with the calibrated preset; (3) the same
@@ -16,7 +16,9 @@ only add time) and median with quartiles, and the peak of the bytes the forward 
 (`meshc.predict.part`: matmul, attention, other ops, views, collectives), each part's measured
 wall and thread-CPU time per node (an FX Interpreter timing every node: it adds a few us per
 node) next to its predicted time — a collective's wall less its CPU time is the wait for the
-other rank. After each config the
+other rank. A pp=2 stage's measured time is the least over every call's micro-batches of its
+action's time less its receive wait (its compute, its sends, any receive it posts), against
+`meshc.predict.stage_times` (which prices those messages). After each config the
 dispatch microbenchmark runs again (`dispatch_us_per_node_now`, not used to predict): how far the
 shared machine drifted from the calibration. Writes
 benchmarks/results_cost_model_cpu.json: per config predicted, measured, error; goals ±25% time,
@@ -139,7 +141,7 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
     compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=KW, plan=plan,
                              **({"schedule": schedule, "microbatches": microbatches} if schedule else {}))
     call_ids = torch.cat([ids] * microbatches) if schedule else ids
-    times = []
+    times, per_stage = [], {}
     with torch.no_grad():
         for _ in range(3):
             compiled(call_ids, **KW)
@@ -149,12 +151,11 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
             t0 = time.perf_counter()
             compiled(call_ids, **KW)
             times.append(time.perf_counter() - t0)
-        if schedule:
-            trace = compiled.last_trace
-            per_stage = {}
-            for e in trace:
+            for e in compiled.last_trace if schedule else ():  # every call's actions, less the receive waits
                 per_stage.setdefault(e["stage"], []).append(e["end"] - e["start"] - e["wait"])
-            return {"stage_ms": {s: min(v) * 1e3 for s, v in per_stage.items()}}
+        if schedule:
+            return {"stage_ms": {s: min(v) * 1e3 for s, v in per_stage.items()},
+                    "stage_median_ms": {s: statistics.median(v) * 1e3 for s, v in per_stage.items()}}
         act = _allocated_peak(lambda: compiled(call_ids, **KW))
     parts = _measure_parts(compiled.program, (call_ids,), KW, 10)
     q = statistics.quantiles(times, n=4)
@@ -222,10 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(row)
     pipe_name = a.sizes.split(",")[-1]
     pr = predict(pipe_name, "pp=2", None, a.preset, schedule="forward", microbatches=2)
-    ranks = measure(pipe_name, "pp=2", None, 5, schedule="forward", microbatches=2)
+    ranks = measure(pipe_name, "pp=2", None, max(a.iters // 3, 3), schedule="forward", microbatches=2)
     measured_stages = {int(s): v for r in ranks for s, v in r["stage_ms"].items()}
+    median_stages = {int(s): v for r in ranks for s, v in r["stage_median_ms"].items()}
     pipeline = {"config": f"{pipe_name} pp=2 forward schedule, 2 micro-batches",
-                "stages": [{"stage": s, "predicted_ms": pr["stages"][s]["total_ms"], "measured_ms": measured_stages[s],
+                "stages": [{"stage": s, "predicted_ms": pr["stages"][s]["total_ms"],
+                            "predicted_parts_ms": pr["stages"][s]["parts_ms"], "measured_ms": measured_stages[s],
+                            "measured_median_ms": median_stages[s],
                             "error": _err(pr["stages"][s]["total_ms"], measured_stages[s])}
                            for s in range(len(pr["stages"]))]}
     print(json.dumps(pipeline, indent=1), flush=True)

@@ -8,15 +8,16 @@ What is measured — microbenchmarks only; no model is run and nothing is fitted
 kernel is issued as a forward issues it (the shapes, layouts and extra arguments of a decoder's
 graph), since a tight loop of a friendlier variant runs faster than the forward does:
 
-* matmul throughput by size: aten.linear(x[M, K], weight[N, K]) float32 from 2e4 to 2e9 FLOPs →
-  `matmul_curve` (FLOP/s per size, interpolated by the cost model), `peak_flops` = the best;
+* matmul throughput by size: aten.linear(x[M, K], weight[N, K]) float32 from 2e4 to 2e9 FLOPs, with
+  cold operands (a pool larger than L2, as a forward's weights) → `matmul_curve` (FLOP/s per size,
+  interpolated by the cost model), `peak_flops` = the best;
 * attention: aten.scaled_dot_product_attention with a transposed q and an explicit boolean causal
   mask, by sequence length → `sdpa_curve` (CPU attention runs well below the matmul rate);
 * the non-matmul ops of a forward (mul with a broadcast weight, add, silu, pow, mean, neg, cat, a
   transposed clone, a dtype cast) on ~1 MB operands, less their fixed cost → seconds per element,
   `op_rates` (silu and strided copies run far below the copy bandwidth);
 * memory bandwidth: copying a 64 MB tensor (read + write) → `mem_bandwidth`;
-* the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 6 blocks of the small ops a
+* the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 16 blocks of the small ops a
   transformer forward issues: linear, norm, head split, rotate-half, gated activation, residual)
   run through `CompiledModel` as compiled programs are: slope → seconds per node in a mixed graph,
   intercept → seconds per call (`call_overhead`); each ATen op's cost on tiny inputs in a tight
@@ -28,7 +29,10 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
   (the ranks arrive apart, and gloo's threads compete with the ranks' compute for the cores). Per
   collective a fit t = a + b·bytes (relative least squares) of the in-situ times, stored as ring
   alpha/beta for the group size (`collective_fits`). A collective the backend lacks (gloo has no
-  reduce-scatter) is skipped: `meshc.redistribute` prices it as the backend implements it.
+  reduce-scatter) is skipped: `meshc.redistribute` prices it as the backend implements it;
+* point-to-point on the mesh's processes, as the pipeline runtime issues them (batch_isend_irecv):
+  the time the sender spends issuing a send and the receiver posting a receive, by message size
+  → `p2p_fits` (what each pipeline stage pays for the messages it emits).
 
 Kernel times are the least of repeated runs (the thread's CPU time with one torch thread): on a
 shared machine other jobs only add time, so the fastest run is the machine's own speed (compare
@@ -39,6 +43,7 @@ rank, not the luckiest one. Every rank uses rank 0's figures, so all ranks plan 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
@@ -56,10 +61,15 @@ from meshc.cost_model import PRESETS, DevicePreset
 #: (M, K, N) of the matmul sizes measured (2*M*K*N FLOPs: 2e4 .. 2e9).
 MATMUL_SIZES = ((8, 32, 32), (16, 64, 64), (32, 128, 128), (64, 128, 256), (128, 256, 256), (256, 256, 512),
                 (256, 512, 512), (512, 512, 1024), (1024, 1024, 1024))
+#: bytes of the operand pool the matmuls rotate through: more than a core's L2 (MBs), so that each
+#: call's operands come from memory or the shared last-level cache, as a forward's weights do
+COLD_BYTES = 32 << 20
 #: sequence lengths of the attention measured ([2, 8, S, 64], boolean causal mask)
 SDPA_SEQS = (16, 64, 128, 256, 512)
 #: elements of the largest tensor each op of _large_ops touches
 LARGE_NUMEL = 2 * 128 * 1024
+#: blocks of the larger op_mix graph measure_dispatch times: about a small decoder forward's nodes (350)
+MIX_BLOCKS = 16
 #: message sizes (bytes as cost_model.collective_time counts them) for the collectives
 MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
 #: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
@@ -93,14 +103,19 @@ def _backend_call(op):
 
 def measure_matmuls(seconds: float) -> list[tuple[float, float]]:
     """(FLOPs, FLOP/s) per size in MATMUL_SIZES, issued as a Linear's forward issues them:
-    aten.linear(x[M, K], weight[N, K]) (the weight transposed), a fresh output each call."""
+    aten.linear(x[M, K], weight[N, K]) (the weight transposed), a fresh output each call, with
+    cold operands: each call takes the next (x, weight) pair of a pool of COLD_BYTES, so its
+    operands were last touched a pool ago and are in no core's L1/L2 — as in a forward, where a
+    layer's weights were last read a whole forward ago (a small matmul runs 1.5-2x slower so)."""
     out, linear = [], _backend_call(torch.ops.aten.linear.default)
     with torch.no_grad():
         for m, k, n in MATMUL_SIZES:
-            x, w = torch.randn(m, k), torch.randn(n, k)
+            pool = [(torch.randn(m, k), torch.randn(n, k)) for _ in range(max(2, COLD_BYTES // (4 * k * (m + n))))]
+            turn = itertools.cycle(pool)
             flops = 2.0 * m * k * n
-            t = _least_time(lambda x=x, w=w: linear(x, w), seconds / len(MATMUL_SIZES))
+            t = _least_time(lambda turn=turn: linear(*next(turn)), seconds / len(MATMUL_SIZES))
             out.append((flops, flops / t))
+            del pool, turn
     return out
 
 
@@ -161,16 +176,17 @@ def op_mix(blocks: int) -> fx.GraphModule:
     """`blocks` repeats of a mix of small ATen ops as a transformer forward issues them — a linear,
     a broadcast scale, an RMS norm, a head split with transposes and copies, a rotate-half (slices,
     neg, cat), a gated activation, unsqueeze/squeeze and a residual add: 22 nodes per block,
-    on x [2, 8, 32], weight [32, 32], scale [32] (the kernels' own time is small next to dispatch)."""
+    on x [2, 8, 32], a weight [32, 32] per block (as a forward has one per layer: its generated code
+    binds as many arguments), scale [32] (the kernels' own time is small next to dispatch)."""
     aten = torch.ops.aten
     g = fx.Graph()
-    x, w, b = g.placeholder("x"), g.placeholder("w"), g.placeholder("b")
+    x, ws, b = g.placeholder("x"), [g.placeholder(f"w{i}") for i in range(blocks)], g.placeholder("b")
 
     def op(target, *args, **kwargs):
         return g.call_function(target, args, kwargs)
 
     v = x
-    for _ in range(blocks):
+    for w in ws:
         v = op(aten.mul.Tensor, op(aten.linear.default, v, w), b)
         r = op(aten.rsqrt.default, op(aten.add.Tensor, op(aten.mean.dim, op(aten.pow.Tensor_Scalar, v, 2), [-1], True),
                                       1e-6))
@@ -187,20 +203,22 @@ def op_mix(blocks: int) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def _mix_inputs() -> tuple[torch.Tensor, ...]:
-    return torch.randn(2, 8, 32), torch.randn(32, 32), torch.randn(32)
+def _mix_inputs(blocks: int) -> tuple[torch.Tensor, ...]:
+    """op_mix(blocks)'s inputs: x, one weight per block, scale."""
+    return torch.randn(2, 8, 32), *(torch.randn(32, 32) for _ in range(blocks)), torch.randn(32)
 
 
 def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
-    """(seconds per node, seconds per call, {op: nodes in one block}) of op_mix graphs of 1 and 6
-    blocks run by the ATen backend through `CompiledModel`, as compiled programs are: the slope is
-    the cost of a node in a mixed graph, the intercept the cost of a call."""
+    """(seconds per node, seconds per call, {op: nodes in one block}) of op_mix graphs of 1 and
+    MIX_BLOCKS blocks run by the ATen backend through `CompiledModel`, as compiled programs are: the
+    slope is the cost of a node in a mixed graph of a forward's size (its generated code, its
+    arguments), the intercept the cost of a call."""
     from meshc.capture import capture
     from meshc.runtime.compiled_model import CompiledModel
 
-    inputs = _mix_inputs()
     times, nodes, counts = {}, {}, {}
-    for blocks in (1, 6):
+    for blocks in (1, MIX_BLOCKS):
+        inputs = _mix_inputs(blocks)
         program = capture(op_mix(blocks), inputs, dynamic_shapes=None)
         targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
         nodes[blocks] = len(targets)
@@ -208,8 +226,8 @@ def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
             counts = {t: targets.count(t) for t in set(targets)}
         compiled = CompiledModel(program, "aten")
         with torch.no_grad():
-            times[blocks] = _least_time(lambda c=compiled: c(*inputs), seconds / 2)
-    per_node = max((times[6] - times[1]) / (nodes[6] - nodes[1]), 0.0)
+            times[blocks] = _least_time(lambda c=compiled, i=inputs: c(*i), seconds / 2)
+    per_node = max((times[MIX_BLOCKS] - times[1]) / (nodes[MIX_BLOCKS] - nodes[1]), 0.0)
     return per_node, max(times[1] - nodes[1] * per_node, 0.0), counts
 
 
@@ -301,7 +319,7 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
         "all_to_all_single": lambda t: c10d.all_to_all_single.default(t, [t.shape[0] // n] * n,
                                                                        [t.shape[0] // n] * n, name),
     }
-    phase, inputs = op_mix(2), _mix_inputs()
+    phase, inputs = op_mix(2), _mix_inputs(2)
 
     def timed(fn, calls: int) -> list[float]:
         out = []
@@ -359,6 +377,40 @@ def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> t
     return n, merged
 
 
+def _p2p_rank(device_mesh, iters: int) -> dict[str, list[tuple[float, float]]]:
+    """Ranks 0 and 1: per size in MESSAGE_BYTES, the least time rank 0 spends issuing one send to
+    rank 1 and rank 1 posting its receive (`dist.batch_isend_irecv` of one `P2POp`, as the pipeline
+    runtime's Exchange issues them), each after a barrier; the transfer is waited outside the time."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank = dist.get_rank()
+    kind, op = {0: ("send", dist.isend), 1: ("recv", dist.irecv)}.get(rank, (None, None))
+    rows = []
+    for j, nbytes in enumerate(MESSAGE_BYTES):
+        t, samples = torch.randn(nbytes // 4), []
+        for i in range(iters):
+            dist.barrier()
+            if op is None:
+                continue
+            t0 = time.perf_counter()
+            works = dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank, tag=j * iters + i)])
+            samples.append(time.perf_counter() - t0)
+            for w in works:
+                w.wait()
+        if op is not None:
+            rows.append((float(nbytes), min(samples[1:])))
+    return {kind: rows} if kind else {}
+
+
+def measure_p2p(mesh: Any, iters: int = 20, timeout: float = 120.0) -> dict[str, list[tuple[float, float]]]:
+    """{"send" | "recv": [(bytes, seconds), ...]}: what issuing a point-to-point send (rank 0) and
+    posting its receive (rank 1) cost the issuing rank on the mesh's processes, by message size."""
+    from meshc.runtime.launch import launch
+
+    return {k: v for r in launch(_p2p_rank, str(mesh), iters, timeout=timeout) for k, v in r.items()}
+
+
 def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: str = "cpu-calibrated"
               ) -> tuple[DevicePreset, dict]:
     """Measure this machine (see the module docstring) and return (preset, raw measurements)."""
@@ -395,6 +447,9 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
         figures["collective_fits"] = tuple(fits)
         alpha, beta = next((a, b) for k, a, b in fits if k == "all_reduce")
         figures.update(intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha, inter_beta=beta)
+        p2p = measure_p2p(spec)
+        figures["p2p_fits"] = tuple((kind, *fit_line(rows)) for kind, rows in sorted(p2p.items()))
+        raw["p2p_seconds_by_bytes"] = {k: [list(r) for r in rows] for k, rows in p2p.items()}
         raw["collectives"] = {"group_size": n, "mesh": str(spec),
                               **{f"seconds_by_bytes_{how}": {k: [list(p) for p in rows] for k, rows in by_kind.items()}
                                  for how, by_kind in colls.items()}}
@@ -418,6 +473,8 @@ SOURCES = {
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group after a "
                        "compute phase (median, phase taken off), relative least-squares t = a + b*bytes, as ring "
                        "alpha/beta",
+    "p2p_fits": "meshc calibrate: least time rank 0 spends issuing a send (batch_isend_irecv of one isend) and rank "
+                "1 posting its receive, by message size, relative least-squares t = a + b*bytes",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",
     "inter_alpha": "the all_reduce fit (every local rank is on this host)", "inter_beta": "the all_reduce fit",
 }
@@ -445,10 +502,12 @@ def summary(preset: DevicePreset) -> str:
     if preset.op_rates:
         rates = ", ".join(f"{k.split('.')[1]} {s * 1e9:.2f}" for k, s in preset.op_rates)
         lines.append(f"  ns per element: {rates}")
+    for kind, a, b in preset.p2p_fits:
+        lines.append(f"  p2p {kind} issue: {a * 1e6:.1f} us per message + {b * 1e12:.2f} us per MB")
     for kind, a, b in preset.collective_fits:
         lines.append(f"  {kind}: alpha {a * 1e6:.1f} us per ring step, {1 / b / 1e9 if b else math.inf:.2f} GB/s")
     return "\n".join(lines)
 
 
 __all__ = ["calibrate", "fit_line", "measure_collectives", "measure_dispatch", "measure_matmuls", "measure_op_rates",
-           "measure_sdpa", "op_costs", "op_mix", "summary", "write_preset"]
+           "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "summary", "write_preset"]

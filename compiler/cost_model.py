@@ -13,7 +13,8 @@ speedup prediction. Entry points:
 - `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
   (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
   costs of ring algorithms; `kind` is a name from `meshc.collectives.COLLECTIVES`. `p2p_time`:
-  one point-to-point send (pipeline stage boundaries).
+  one point-to-point send (pipeline stage boundaries); `p2p_issue_time`: what issuing sends or
+  posting receives costs the issuing rank (measured presets).
 - `compute_time(flops, bytes_moved, preset)`: roofline, max(flops/peak, bytes/bandwidth).
 - `value_bytes(node)`: bytes of the tensors a node produces.
 - `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
@@ -66,6 +67,7 @@ class DevicePreset:
     sdpa_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one attention, FLOP/s); () = matmul's
     op_rates: tuple[tuple[str, float], ...] = ()  # measured (ATen op, seconds per element of its largest tensor)
     collective_fits: tuple[tuple[str, float, float], ...] = ()  # measured (collective, alpha, beta), in-node groups
+    p2p_fits: tuple[tuple[str, float, float], ...] = ()  # measured ("send" | "recv", s per message, s per byte)
     source: str = ""  # the preset file it came from, if any
 
     def overhead(self, target) -> float:
@@ -112,7 +114,7 @@ def load_preset(path: str) -> DevicePreset:
     try:
         data = json.loads(file.read_text())
         figures = dict(data["figures"])
-        for k in ("matmul_curve", "sdpa_curve", "op_rates", "collective_fits", "op_overheads"):
+        for k in ("matmul_curve", "sdpa_curve", "op_rates", "collective_fits", "op_overheads", "p2p_fits"):
             figures[k] = tuple(tuple(x) for x in figures.get(k, ()))
         return DevicePreset(name=data["name"], source=str(file), **figures)
     except (KeyError, TypeError, ValueError) as e:
@@ -198,6 +200,17 @@ def p2p_time(nbytes: float, preset: DevicePreset | str, inter_node: bool = False
         return 0.0
     alpha, beta = get_preset(preset).link(inter_node)
     return alpha + nbytes * beta
+
+
+def p2p_issue_time(kind: str, message_bytes: list[float], preset: DevicePreset | str) -> float:
+    """Seconds the issuing rank spends on one batch of point-to-point messages (`kind` "send": issuing
+    the sends; "recv": posting the receives) of the given sizes: Σ a + b * bytes of the preset's
+    measured `p2p_fits` for `kind` (the transfer itself runs in the backend's threads; its latency
+    is `p2p_time`). 0 for a preset that did not measure it (no published figure for GPU presets)."""
+    if kind not in ("send", "recv"):
+        raise ValueError(f"p2p issue kind must be 'send' or 'recv', got {kind!r}")
+    fit = next(((a, b) for k, a, b in get_preset(preset).p2p_fits if k == kind), None)
+    return 0.0 if fit is None else sum(fit[0] + fit[1] * b for b in message_bytes)
 
 
 COLLECTIVE_TIME: dict[str, Callable[..., float]] = {

@@ -16,7 +16,8 @@ mixed graph (`op_overheads`: linear, attention, reductions, ...), else its gener
 attention by size, per-element rates of the slower non-matmul ops);
 collectives are read from the graph (`_c10d_functional.*`: what runs, with the bytes the graph
 moves) and priced by `meshc.redistribute.step_time`, as the preset's process-group backend
-implements them. Peak memory: the state tensors (each storage once) plus the most bytes of
+implements them. A pipeline stage adds the point-to-point messages it emits (`stage_times`).
+Peak memory: the state tensors (each storage once) plus the most bytes of
 non-view node outputs alive at once, each freed after its last reader or its views' last reader
 (outputs live to the end).
 Arithmetic on the graph's metadata only: never runs a model or touches a process group.
@@ -24,12 +25,13 @@ Arithmetic on the graph's metadata only: never runs a model or touches a process
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from meshc.cost_model import DevicePreset, get_preset, node_time, value_bytes
+from meshc.cost_model import DevicePreset, get_preset, node_time, p2p_issue_time, size_hint, value_bytes
 from meshc.placement import Replicate
 from meshc.redistribute import Step, step_time
 
@@ -57,7 +59,7 @@ class Prediction:
 
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
-PARTS = ("matmul", "attention", "other ops", "views", "collectives")
+PARTS = ("matmul", "attention", "other ops", "views", "collectives", "p2p")
 
 
 def part(node: fx.Node) -> str:
@@ -122,10 +124,30 @@ def forward_time(program, preset: DevicePreset | str) -> Prediction:
 
 
 def stage_times(program, preset: DevicePreset | str) -> list[Prediction]:
-    """One Prediction per pipeline stage of a split Program (its forward, one micro-batch as captured)."""
+    """One Prediction per pipeline stage of a split Program (its forward, one micro-batch as
+    captured), with the point-to-point messages the stage emits on a pp mesh: posting the receives
+    of its inputs from the previous stage and issuing the sends of its outputs to the next
+    (`cost_model.p2p_issue_time`; part "p2p"). A message's wait for the other rank is not the stage's."""
     if program.split is None:
         return [forward_time(program, preset)]
-    return [forward_time(stage.program, preset) for stage in program.split.stages]
+    p, stages = get_preset(preset), program.split.stages
+    out = []
+    for stage in stages:
+        pr = forward_time(stage.program, p)
+        if program.mesh.pp > 1:
+            p2p = (p2p_issue_time("recv", [_message_bytes(b.val) for b in stage.recv], p)
+                   + p2p_issue_time("send", [_message_bytes(b.val) for b in stage.send], p))
+            pr.comm_s += p2p
+            pr.parts["p2p"] = p2p
+        out.append(pr)
+    return out
+
+
+def _message_bytes(val) -> int:
+    """Bytes of one stage-boundary message: a tensor's, or an int sent as a one-element int64 tensor."""
+    if isinstance(val, torch.Tensor):
+        return math.prod(size_hint(s) for s in val.shape) * val.dtype.itemsize
+    return 8
 
 
 def _aliases(node: fx.Node) -> bool:

@@ -59,6 +59,8 @@ def test_collective_fits_become_ring_alpha_beta(monkeypatch):
     mix = {"aten.mul.Tensor": 1, "aten.linear.default": 1}
     monkeypatch.setattr(cal, "measure_dispatch", lambda s: (1e-5, 2e-5, mix))
     monkeypatch.setattr(cal, "measure_ops", lambda s: {"aten.mul.Tensor": 2e-6, "aten.linear.default": 6e-6})
+    p2p = {"send": [(b, 2e-5 + b * 1e-10) for b in cal.MESSAGE_BYTES], "recv": [(b, 5e-6) for b in cal.MESSAGE_BYTES]}
+    monkeypatch.setattr(cal, "measure_p2p", lambda spec: p2p)
     p, raw = cal.calibrate("tp=2", seconds=0.0)
     # the preset reproduces the in-situ times (what a forward pays), for the group size they were measured on
     for kind, rows in in_situ.items():
@@ -72,6 +74,12 @@ def test_collective_fits_become_ring_alpha_beta(monkeypatch):
     assert p.fit("reduce_scatter_tensor") is None  # not measured: priced as the backend implements it
     assert raw["collectives"]["group_size"] == 2
     assert raw["collectives"]["seconds_by_bytes_alone"]["all_reduce"][0] == list(alone["all_reduce"][0])
+    # point-to-point issue costs: the fits reproduce the measured rows, one message at a time
+    for kind, rows in p2p.items():
+        for nbytes, t in rows:
+            assert cm.p2p_issue_time(kind, [nbytes], p) == pytest.approx(t, rel=1e-6)
+    assert cm.p2p_issue_time("send", [1e3, 1e3], p) == pytest.approx(2 * (2e-5 + 1e-7))
+    assert cm.p2p_issue_time("send", [1e6], cm.PRESETS["h100-nvlink"]) == 0  # not measured: not priced
 
 
 def test_op_mix_is_the_mix_measure_dispatch_prices():
@@ -80,7 +88,8 @@ def test_op_mix_is_the_mix_measure_dispatch_prices():
     assert len(targets) == 3 * 22
     assert {"aten.linear.default", "aten.mean.dim", "aten.cat.default", "aten.silu.default",
             "aten.transpose.int"} <= set(targets)
-    assert gm(*cal._mix_inputs())[0].shape == (2, 8, 32)
+    assert gm(*cal._mix_inputs(3))[0].shape == (2, 8, 32)
+    assert sum(n.op == "placeholder" for n in gm.graph.nodes) == 3 + 2  # a weight per block, as a forward's layers
 
 
 def test_preset_files_cite_every_figure():
@@ -143,6 +152,27 @@ def test_node_time_uses_the_measured_attention_curve_and_op_rates():
     assert cm.node_time(silu, measured) == pytest.approx(4096 * 1e-9)  # slower per element than the roofline
 
 
+def test_stage_times_price_the_messages_each_stage_emits(mlp):
+    from meshc.pipeline import resolve
+    from meshc.predict import stage_times
+
+    spec = meshc.MeshSpec.parse("pp=2")
+    resolved = resolve(spec, "default", None, "forward", 2, batch=mlp.example_inputs[0].shape[0])
+    program = meshc.capture(mlp.model, mlp.example_inputs, dynamic_shapes="auto", mesh=spec)
+    program = meshc.PassManager(resolved.pipeline).run(program)
+    base = cm.DevicePreset("t", 1e9, 1e9, 0, 0, 0, 0, 1, dispatch_overhead=1e-6)
+    measured = cm.replace(base, p2p_fits=(("send", 3e-5, 1e-9), ("recv", 1e-5, 0.0)))
+    plain, priced = stage_times(program, base), stage_times(program, measured)
+    first, last = program.split.stages
+    sent = [cm.size_hint(s) for s in first.send[0].val.shape]
+    nbytes = math.prod(sent) * 4  # the float32 activation stage 0 sends to stage 1
+    assert len(first.send) == len(last.recv) == 1 and nbytes > 0
+    assert priced[0].parts["p2p"] == pytest.approx(3e-5 + nbytes * 1e-9)  # stage 0 sends
+    assert priced[1].parts["p2p"] == pytest.approx(1e-5)  # stage 1 posts its receive
+    for a, b in zip(plain, priced):  # without measured figures, the stage programs' forward times as before
+        assert a.parts["p2p"] == 0 and b.total_s == pytest.approx(a.total_s + b.parts["p2p"])
+
+
 def test_peak_memory_frees_after_last_reader():
     state, peak = peak_memory(_chain_program())
     assert state == 0
@@ -180,3 +210,12 @@ def test_collectives_are_measured_alone_and_in_situ_on_the_mesh():
         assert [b for b, _ in rows] == [float(b) for b in cal.MESSAGE_BYTES]
         assert all(0 < t < 10 for _, t in rows)
     assert set(colls["in_situ"]) == set(colls["alone"])
+
+
+@pytest.mark.slow  # two gloo ranks, 8 message sizes (~5 s)
+def test_p2p_issue_costs_are_measured_on_the_mesh():
+    rows = cal.measure_p2p("tp=2", iters=3, timeout=120)
+    assert set(rows) == {"send", "recv"}
+    for kind in rows:
+        assert [b for b, _ in rows[kind]] == [float(b) for b in cal.MESSAGE_BYTES]
+        assert all(0 < t < 1 for _, t in rows[kind])
