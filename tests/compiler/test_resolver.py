@@ -11,6 +11,8 @@ import pytest
 import torch
 from meshc.pipeline import default_microbatches, resolve
 
+from ..capture_once import capture_once
+
 PLAN_NOTE = re.compile(r"spmd_partition: plan '(\w+)' \(hash ([0-9a-f]{16})\) on mesh 'tp=2', rank 0")
 TIMINGS_ROW = re.compile(r"^\d+\s+(\S+)\s+[\d.]+\s+\d+\s+\d+\s+(?:yes|no)\s*$", re.M)
 
@@ -40,7 +42,14 @@ def _cli(capsys, *argv: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cli_compile_tp2():
+def captures():
+    """llama-tiny is captured once in this module: the CLI commands here differ after capture."""
+    with capture_once() as memo:
+        yield memo
+
+
+@pytest.fixture(scope="module")
+def cli_compile_tp2(captures):
     """`meshc compile llama-tiny --mesh tp=2` (rank 0, no processes): its output, run once."""
     import contextlib
     import io
@@ -71,7 +80,7 @@ def test_resolver_defaults():
 
 
 @pytest.mark.timeout(180)
-def test_cli_compile_show_kernels_run_the_resolved_pipeline(cli_compile_tp2, recorded, capsys):
+def test_cli_compile_show_kernels_run_the_resolved_pipeline(cli_compile_tp2, captures, recorded, capsys):
     want = resolve("tp=2").pipeline
     assert f"pipeline: {want}\n" in cli_compile_tp2
     assert TIMINGS_ROW.findall(cli_compile_tp2) == want.split(",")
@@ -80,6 +89,7 @@ def test_cli_compile_show_kernels_run_the_resolved_pipeline(cli_compile_tp2, rec
     pytest.importorskip("triton")
     _cli(capsys, "kernels", "llama-tiny", "--mesh", "tp=2")
     assert recorded == [want, want]
+    assert len(captures) == 1  # the three commands captured the same Program (captured once)
 
 
 def _compile_tp2(device_mesh) -> dict:

@@ -8,11 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ..capture_once import capture_once
+
 STAGE_HEADER = "# ---- stage "
 
 
+@pytest.fixture(scope="module")
+def captures():
+    """Each (model, mesh) is captured once in this module: the `meshc show` calls differ after capture."""
+    with capture_once() as memo:
+        yield memo
+
+
 @pytest.fixture
-def shown(monkeypatch, capsys):
+def shown(monkeypatch, capsys, captures):
     """Run `meshc show ...`; return its printed output and the Program after every step that
     the command itself computed (0 = captured), so stage Programs can be compared by their code."""
     import meshc.cli
@@ -70,7 +79,6 @@ def _stage_codes(device_mesh) -> dict:
     import meshc
     from meshc.models import load_model
 
-    torch.set_num_threads(1)
     loaded = load_model("llama-tiny", batch=2, seq=16)  # the CLI's defaults
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
                              example_kwargs=loaded.example_kwargs, backend="aten")
@@ -82,31 +90,11 @@ def _stage_codes(device_mesh) -> dict:
             "microbatches": compiled.schedule.microbatches}
 
 
-@pytest.mark.timeout(240)
-def test_each_pp_rank_runs_the_stage_graph_meshc_show_prints(shown):
-    import meshc
-
-    results = meshc.launch(_stage_codes, "pp=2", timeout=120)
-    out, names, programs = shown("llama-tiny", "--mesh", "pp=2", "--after", "lint")
-    final = programs[-1]
-    assert out == final.code() + "\n"  # what was printed is this Program
-    assert ",".join(final.history) == shown.pipeline() and len(final.history) == len(names)
-    stages = [st.program.gm.code for st in final.split.stages]
-    assert len(stages) == 2 and stages[0] != stages[1]
-    for rank, r in enumerate(results):
-        # a batch of 2 gets 2 micro-batches (it used to get 4 and fail at the first call)
-        assert r["backend"] == "aten" and r["microbatches"] == 2 and r["err"] <= 1e-5
-        assert r["history"] == ",".join(final.history)  # the same passes, with the same options
-        assert list(r["codes"]) == [rank]  # 1f1b on pp=2: stage r on pp rank r
-        assert r["codes"][rank] == stages[rank], f"pp rank {rank} runs another graph than `meshc show` prints"
-
-
 def _triton_pipeline(device_mesh) -> dict:
     import meshc
     from meshc.errors import MeshcError
     from meshc.models import load_model
 
-    torch.set_num_threads(1)
     loaded = load_model("llama-tiny", batch=2, seq=4)
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
                              example_kwargs=loaded.example_kwargs, backend="triton")
@@ -124,13 +112,44 @@ def _triton_pipeline(device_mesh) -> dict:
             "shape": tuple(out.shape) == tuple(ref.shape), "train_error": error}
 
 
-@pytest.mark.timeout(300)
-def test_triton_backend_lowers_every_stage_and_refuses_training():
-    pytest.importorskip("triton")
+def _aten_and_triton(device_mesh, triton: bool) -> dict:
+    """Both pp=2 compiles on one launch (one start of the ranks): the aten backend's, whose stage
+    graphs are compared with `meshc show`, and the Triton backend's (when Triton is installed)."""
+    torch.set_num_threads(1)
+    return {"aten": _stage_codes(device_mesh), "triton": _triton_pipeline(device_mesh) if triton else None}
+
+
+@pytest.fixture(scope="module")
+def pp2_ranks() -> list[dict]:
+    """Every pp=2 rank's results of `_aten_and_triton`, run once for this module."""
+    import importlib.util
+
     import meshc
 
-    results = meshc.launch(_triton_pipeline, "pp=2", timeout=240)
+    return meshc.launch(_aten_and_triton, "pp=2", importlib.util.find_spec("triton") is not None, timeout=240)
+
+
+@pytest.mark.timeout(300)
+def test_each_pp_rank_runs_the_stage_graph_meshc_show_prints(pp2_ranks, shown):
+    results = [r["aten"] for r in pp2_ranks]
+    out, names, programs = shown("llama-tiny", "--mesh", "pp=2", "--after", "lint")
+    final = programs[-1]
+    assert out == final.code() + "\n"  # what was printed is this Program
+    assert ",".join(final.history) == shown.pipeline() and len(final.history) == len(names)
+    stages = [st.program.gm.code for st in final.split.stages]
+    assert len(stages) == 2 and stages[0] != stages[1]
     for rank, r in enumerate(results):
+        # a batch of 2 gets 2 micro-batches (it used to get 4 and fail at the first call)
+        assert r["backend"] == "aten" and r["microbatches"] == 2 and r["err"] <= 1e-5
+        assert r["history"] == ",".join(final.history)  # the same passes, with the same options
+        assert list(r["codes"]) == [rank]  # 1f1b on pp=2: stage r on pp rank r
+        assert r["codes"][rank] == stages[rank], f"pp rank {rank} runs another graph than `meshc show` prints"
+
+
+@pytest.mark.timeout(300)
+def test_triton_backend_lowers_every_stage_and_refuses_training(pp2_ranks):
+    pytest.importorskip("triton")
+    for rank, r in enumerate(r["triton"] for r in pp2_ranks):
         assert r["backend"] == "triton", r
         assert list(r["kernels"]) == [rank] and r["kernels"][rank] > 0, r
         assert r["shape"] and r["err"] <= 1e-4, r
