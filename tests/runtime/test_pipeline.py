@@ -227,14 +227,22 @@ def test_invalid_schedule_fails_before_any_process_is_needed():
                       microbatches=3, virtual=2)
 
 
+_LOCAL: dict[tuple, tuple] = {}
+
+
 def _local_program(mesh=None, stages=2, batch=4, model="llama-tiny"):
+    """The model and its split Program, compiled once per arguments in this module (a clone each call)."""
     import meshc
     from meshc.models import load_model
 
-    lm = load_model(model, batch=batch, seq=8)
-    program = meshc.capture(lm.model, lm.example_inputs, lm.example_kwargs, dynamic_shapes="auto", mesh=mesh)
-    return lm, meshc.PassManager(f"dce,pipeline_partition(stages={stages},virtual={stages},"
-                                 f"schedule=interleaved-1f1b,microbatches=2),split_stages").run(program)
+    key = (mesh, stages, batch, model)
+    if key not in _LOCAL:
+        lm = load_model(model, batch=batch, seq=8)
+        program = meshc.capture(lm.model, lm.example_inputs, lm.example_kwargs, dynamic_shapes="auto", mesh=mesh)
+        _LOCAL[key] = lm, meshc.PassManager(f"dce,pipeline_partition(stages={stages},virtual={stages},"
+                                            f"schedule=interleaved-1f1b,microbatches=2),split_stages").run(program)
+    lm, program = _LOCAL[key]
+    return lm, program.clone()
 
 
 def test_misuse_is_a_clear_error_in_one_process():
