@@ -11,7 +11,8 @@ and a pp=2 forward pipeline), rank 0's local Program is built without processes 
 `meshc.compile` runs) and `meshc.predict` prices it with the calibrated preset; (3) the same
 configuration runs on a local gloo mesh (`meshc.launch`, one torch thread per rank): median forward
 time per rank: least (compared with the prediction, as calibration takes least times: other jobs
-only add time) and median with quartiles, and the peak of the bytes the forward allocates
+only add time) and median with quartiles, the least thread CPU time of a call (what calibration's
+kernel timings count; a collective's wait is not in it), and the peak of the bytes the forward allocates
 (torch profiler memory events) plus the rank's state bytes; and the forward split by part
 (`meshc.predict.part`: matmul, attention, other ops, views, collectives), each part's measured
 wall and thread-CPU time per node (an FX Interpreter timing every node: it adds a few us per
@@ -141,16 +142,17 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
     compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=KW, plan=plan,
                              **({"schedule": schedule, "microbatches": microbatches} if schedule else {}))
     call_ids = torch.cat([ids] * microbatches) if schedule else ids
-    times, per_stage = [], {}
+    times, cpu, per_stage = [], [], {}
     with torch.no_grad():
         for _ in range(3):
             compiled(call_ids, **KW)
         for _ in range(iters):
             if device_mesh is not None:
                 torch.distributed.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             compiled(call_ids, **KW)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
             for e in compiled.last_trace if schedule else ():  # every call's actions, less the receive waits
                 per_stage.setdefault(e["stage"], []).append(e["end"] - e["start"] - e["wait"])
         if schedule:
@@ -161,7 +163,7 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
     q = statistics.quantiles(times, n=4)
     state, _ = peak_memory(compiled.program)
     return {"median_ms": statistics.median(times) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "min_ms": min(times) * 1e3, "parts": parts,
+            "min_ms": min(times) * 1e3, "min_cpu_ms": min(cpu) * 1e3, "parts": parts,
             "activation_peak_bytes": act, "state_bytes": state, "memory_bytes": state + act}
 
 
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "memory_error": _err(pr["memory_bytes"], m["memory_bytes"]),
                        "activation_error": _err(pr["activation_peak_bytes"], m["activation_peak_bytes"])}
                 print(f"{label}: predicted {pr['total_ms']:.2f} ms, measured least {m['min_ms']:.2f} ms "
-                      f"({100 * row['time_error']:+.0f}%), median {m['median_ms']:.2f} [{m['q1_ms']:.2f}, "
+                      f"({100 * row['time_error']:+.0f}%; least thread CPU {m['min_cpu_ms']:.2f}), "
+                      f"median {m['median_ms']:.2f} [{m['q1_ms']:.2f}, "
                       f"{m['q3_ms']:.2f}]; memory "
                       f"{pr['memory_bytes'] / 2**20:.2f} vs {m['memory_bytes'] / 2**20:.2f} MiB "
                       f"({100 * row['memory_error']:+.0f}%)", flush=True)
