@@ -19,8 +19,9 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
 * memory bandwidth: copying a 64 MB tensor (read + write) → `mem_bandwidth`;
 * the ATen backend's dispatch overhead: `op_mix` GraphModules (1 and 16 blocks of the small ops a
   transformer forward issues: linear, norm, head split, rotate-half, gated activation, residual)
-  run through `CompiledModel` as compiled programs are: slope → seconds per node in a mixed graph,
-  intercept → seconds per call (`call_overhead`); each ATen op's cost on tiny inputs in a tight
+  run as the ATen backend runs a Program's graph (`LoweredProgram`): slope → seconds per node in a
+  mixed graph; a call of the captured 1-block Program through `CompiledModel` less its nodes →
+  seconds per call (`call_overhead`); each ATen op's cost on tiny inputs in a tight
   loop plus the graph's own cost per node (what the mix measures beyond its ops' tight loops:
   `op_costs`) → `dispatch_overhead` (a generic node) and `op_overheads`;
 * collectives on the mesh's process group (`meshc.launch`, one process per rank) exactly as the
@@ -209,26 +210,28 @@ def _mix_inputs(blocks: int) -> tuple[torch.Tensor, ...]:
 
 
 def measure_dispatch(seconds: float) -> tuple[float, float, dict[str, int]]:
-    """(seconds per node, seconds per call, {op: nodes in one block}) of op_mix graphs of 1 and
-    MIX_BLOCKS blocks run by the ATen backend through `CompiledModel`, as compiled programs are: the
-    slope is the cost of a node in a mixed graph of a forward's size (its generated code, its
-    arguments), the intercept the cost of a call."""
+    """(seconds per node, seconds per call, {op: nodes in one block}): the slope between op_mix
+    graphs of 1 and MIX_BLOCKS blocks run as the ATen backend runs a Program's graph
+    (`backends.aten.LoweredProgram`: its generated code, each op's binding, fresh outputs) — the
+    cost of a node in a mixed graph of a forward's size — and the rest of a call of the captured
+    1-block Program through `CompiledModel` (binding inputs, pytree, outputs)."""
+    from meshc.backends.aten import LoweredProgram
     from meshc.capture import capture
     from meshc.runtime.compiled_model import CompiledModel
 
-    times, nodes, counts = {}, {}, {}
-    for blocks in (1, MIX_BLOCKS):
-        inputs = _mix_inputs(blocks)
-        program = capture(op_mix(blocks), inputs, dynamic_shapes=None)
+    times, nodes = {}, {}
+    with torch.no_grad():
+        for blocks in (1, MIX_BLOCKS):
+            gm, inputs = op_mix(blocks), list(_mix_inputs(blocks))
+            nodes[blocks] = sum(n.op == "call_function" for n in gm.graph.nodes)
+            times[blocks] = _least_time(partial(LoweredProgram(gm, []), inputs), seconds / 3)
+        per_node = max((times[MIX_BLOCKS] - times[1]) / (nodes[MIX_BLOCKS] - nodes[1]), 0.0)
+        inputs = _mix_inputs(1)
+        program = capture(op_mix(1), inputs, dynamic_shapes=None)
         targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-        nodes[blocks] = len(targets)
-        if blocks == 1:
-            counts = {t: targets.count(t) for t in set(targets)}
         compiled = CompiledModel(program, "aten")
-        with torch.no_grad():
-            times[blocks] = _least_time(lambda c=compiled, i=inputs: c(*i), seconds / 2)
-    per_node = max((times[MIX_BLOCKS] - times[1]) / (nodes[MIX_BLOCKS] - nodes[1]), 0.0)
-    return per_node, max(times[1] - nodes[1] * per_node, 0.0), counts
+        call = _least_time(lambda: compiled(*inputs), seconds / 3)
+    return per_node, max(call - len(targets) * per_node, 0.0), {t: targets.count(t) for t in set(targets)}
 
 
 def _tiny_ops() -> dict[str, Callable[[], object]]:
