@@ -61,9 +61,9 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
     the_plan = make_plan(plan or program.plan or "megatron", program, mesh)
     _check_plan(program, the_plan)
     unsharded = unsharded_report(program, the_plan)  # on the global graph, before emission
-    split_biases(program, the_plan)
+    split_biases(program, the_plan, recompile=False)  # the emitted graph gets a GraphModule of its own
     placements, needs, fallbacks = _propagate(program, the_plan)
-    program.gm = schedule_waits_late(_Emitter(program, placements, needs).emit())
+    program.gm = fx.GraphModule(program.gm, schedule_waits_late(_Emitter(program, placements, needs).emit()))
     program.plan = the_plan
     _refresh_local_vals(program)
     _localize_state(program)
@@ -269,7 +269,7 @@ class _Emitter:
         self.cache: dict[tuple, fx.Node] = {}
         self.meta_from: fx.Node | None = None
 
-    def emit(self) -> fx.GraphModule:
+    def emit(self) -> fx.Graph:
         for node in self.p.graph.nodes:
             self.meta_from = node
             if node.op == "placeholder":
@@ -286,7 +286,7 @@ class _Emitter:
             else:
                 with at_node(node):
                     self.env[node] = self._emit_compute(node)
-        return fx.GraphModule(self.p.gm, self.graph)
+        return self.graph
 
     def _input(self, consumer: fx.Node, a: fx.Node) -> fx.Node:
         need = self.needs[consumer].get(a)
@@ -417,14 +417,14 @@ class _Emitter:
         return self._call(operator.getitem, self._call(aten.chunk.default, x, n, w.dim), r)
 
 
-def schedule_waits_late(gm: fx.GraphModule) -> fx.GraphModule:
+def schedule_waits_late(old: fx.Graph) -> fx.Graph:
     """Reorder so that every `wait_tensor` runs only when nothing else is ready: collectives are
     issued as soon as their input exists and waited as late as their users allow, so any compute
     that does not need the result (e.g. the next ladder sub-layer) overlaps the communication.
     Otherwise the original order is kept (ties go to the earlier node)."""
     import heapq
 
-    nodes = list(gm.graph.nodes)
+    nodes = list(old.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     waiting = {n: len(n.all_input_nodes) for n in nodes}
     ready: list[tuple[int, int]] = []  # (is_wait, index)
@@ -442,7 +442,7 @@ def schedule_waits_late(gm: fx.GraphModule) -> fx.GraphModule:
     graph, env = fx.Graph(), {}
     for n in order:
         env[n] = graph.node_copy(n, lambda a: env[a])
-    return fx.GraphModule(gm, graph)
+    return graph
 
 
 def _localize_state(program: Program) -> None:

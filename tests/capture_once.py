@@ -1,11 +1,13 @@
-"""Capture each model once per test module: for tests about what comes after capture (which
-pipeline a CLI command builds, what `meshc show` prints), not about capture itself.
+"""Capture each model once per test session, in the modules that opt in: for tests about what
+comes after capture (which pipeline a CLI command builds, what `meshc show` prints, which
+collectives a plan emits), not about capture itself.
 
 `capture_once()` is a context manager that replaces `meshc.capture` with a memo keyed on
 everything capture reads - the model's class and state (names, shapes, dtypes, values), the
-example inputs' values, the keyword inputs, dynamic_shapes and the mesh - so a second CLI call
-on the same model spec gets a clone of the first call's Program (capture is deterministic and
-every pass works on a clone). A call with anything different captures for real.
+example inputs' values, the keyword inputs, dynamic_shapes and the mesh - so a second call on the
+same model spec, in this module or another one that opted in, gets a clone of the first call's
+Program (capture is deterministic and every pass works on a clone). A call with anything
+different captures for real. Code that imported `capture` by name is not affected.
 """
 
 from __future__ import annotations
@@ -41,14 +43,16 @@ def _key(model: torch.nn.Module, args: Any, kwargs: Any, dynamic_shapes: Any, me
                      str(mesh), rep(options)])
 
 
+_MEMO: dict[str, Any] = {}  # key -> Program, for the whole session
+
+
 @contextlib.contextmanager
 def capture_once() -> Iterator[dict]:
     """Within the block, `meshc.capture` returns a clone of the Program it captured for the same
     (model, inputs, options); yields the memo (key -> Program) so a test can check it was used."""
     import meshc
 
-    real = meshc.capture
-    memo: dict[str, Any] = {}
+    real, memo = meshc.capture, _MEMO
 
     def capture(model, example_inputs=None, example_kwargs=None, dynamic_shapes=None, mesh=None, **options):
         key = _key(model, example_inputs, example_kwargs, dynamic_shapes, mesh, **options)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from meshc import MeshSpec, PassManager, capture
+from meshc import MeshSpec, PassManager
 from meshc.collectives import emitted_collectives
 from meshc.cost_model import collective_time, get_preset, reduce_scatter_time
 from meshc.errors import MeshError
@@ -18,6 +18,8 @@ from meshc.passes.spmd_partition import predict_collectives
 from meshc.placement import InterleavedShard, Partial, Replicate, Shard, describe
 from meshc.plan import make_plan
 from meshc.redistribute import Step, plan_steps, step_time, steps
+
+from ..capture_once import capture_once
 
 MESHES = ["tp=2", "tp=4", "dp=2,tp=2"]
 MODELS = ["llama-tiny", "gpt2-tiny"]
@@ -28,14 +30,17 @@ MODELS = ["llama-tiny", "gpt2-tiny"]
 @pytest.fixture(scope="module")
 def captured():
     """One capture (then dce) per model; each test puts the program on its own mesh (capture does
-    not depend on the mesh: it only records it)."""
+    not depend on the mesh: it only records it). A model the session already captured on tp=2
+    with the CLI's defaults (tests/capture_once.py) is not captured again."""
+    import meshc
     from meshc.models import load_model
 
     out = {}
-    for name in MODELS:
-        loaded = load_model(name)
-        out[name] = PassManager("dce").run(capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
-                                                   dynamic_shapes="auto", mesh="tp=2"))
+    with capture_once():
+        for name in MODELS:
+            loaded = load_model(name)
+            out[name] = PassManager("dce").run(meshc.capture(loaded.model, loaded.example_inputs,
+                                                             loaded.example_kwargs, dynamic_shapes="auto", mesh="tp=2"))
     return out
 
 

@@ -15,7 +15,7 @@ STAGE_HEADER = "# ---- stage "
 
 @pytest.fixture(scope="module")
 def captures():
-    """Each (model, mesh) is captured once in this module: the `meshc show` calls differ after capture."""
+    """Each (model, mesh) is captured once (tests/capture_once.py): the `meshc show` calls differ after capture."""
     with capture_once() as memo:
         yield memo
 
