@@ -381,9 +381,10 @@ def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> t
 
 
 def _p2p_rank(device_mesh, iters: int) -> dict[str, list[tuple[float, float]]]:
-    """Ranks 0 and 1: per size in MESSAGE_BYTES, the least time rank 0 spends issuing one send to
-    rank 1 and rank 1 posting its receive (`dist.batch_isend_irecv` of one `P2POp`, as the pipeline
-    runtime's Exchange issues them), each after a barrier; the transfer is waited outside the time."""
+    """Ranks 0 and 1: per size in MESSAGE_BYTES, the least time rank 1 spends posting a receive
+    and then (after a barrier: the receive is posted early, as the pipeline runtime's Exchange
+    prefetches it) rank 0 issuing the matching send — each `dist.batch_isend_irecv` of one
+    `P2POp`, as Exchange issues them; the transfer is waited outside the time."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -393,13 +394,13 @@ def _p2p_rank(device_mesh, iters: int) -> dict[str, list[tuple[float, float]]]:
     for j, nbytes in enumerate(MESSAGE_BYTES):
         t, samples = torch.randn(nbytes // 4), []
         for i in range(iters):
-            dist.barrier()
-            if op is None:
-                continue
-            t0 = time.perf_counter()
-            works = dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank, tag=j * iters + i)])
-            samples.append(time.perf_counter() - t0)
-            for w in works:
+            for turn in ("recv", "send"):
+                dist.barrier()
+                if kind == turn:
+                    t0 = time.perf_counter()
+                    works = dist.batch_isend_irecv([dist.P2POp(op, t, 1 - rank, tag=j * iters + i)])
+                    samples.append(time.perf_counter() - t0)
+            for w in works if op is not None else ():
                 w.wait()
         if op is not None:
             rows.append((float(nbytes), min(samples[1:])))
