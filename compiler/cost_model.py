@@ -8,7 +8,8 @@ speedup prediction. Entry points:
   `cpu-gloo` (below) and the files in `compiler/presets/` (`load_preset`: every figure with its
   published source); `get_preset` also takes the path of a `meshc calibrate` file. Measured
   presets add a matmul curve (`matmul_rate`), an attention curve and per-element op rates
-  (`curve_rate`, `node_time`), per-node and per-op overheads and per-collective alpha/beta fits;
+  (`curve_rate`, `node_time`), per-node and per-op overheads, per-collective alpha/beta fits and
+  the cost of issuing point-to-point messages (`p2p_issue_time`);
   whole-program time and memory are `meshc.predict`'s.
 - `collective_time(kind, nbytes, n, preset, inter_node=False)` and one function per collective
   (`all_reduce_time`, `all_gather_time`, `reduce_scatter_time`, `all_to_all_time`): alpha-beta
