@@ -107,7 +107,7 @@ def measure_matmuls(seconds: float) -> list[tuple[float, float]]:
     aten.linear(x[M, K], weight[N, K]) (the weight transposed), a fresh output each call, with
     cold operands: each call takes the next (x, weight) pair of a pool of COLD_BYTES, so its
     operands were last touched a pool ago and are in no core's L1/L2 — as in a forward, where a
-    layer's weights were last read a whole forward ago (a small matmul runs 1.5-2x slower so)."""
+    layer's weights were last read a whole forward ago (a small matmul runs 1.5-2x slower than hot)."""
     out, linear = [], _backend_call(torch.ops.aten.linear.default)
     with torch.no_grad():
         for m, k, n in MATMUL_SIZES:
