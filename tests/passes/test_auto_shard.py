@@ -11,10 +11,13 @@ from meshc.placement import Shard, describe
 from meshc.plan import make_plan
 from meshc.runtime.run_on_mesh import run_on_mesh
 
+from ..capture_once import captured
 
-def _program(loaded, mesh):
-    return PassManager("dce").run(capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
-                                          mesh=MeshSpec.parse(mesh), dynamic_shapes="auto"))
+
+def _program(loaded, mesh, fresh=False):
+    """The model captured (once per session unless `fresh`: tests/capture_once.py) and dce'd."""
+    return PassManager("dce").run((capture if fresh else captured)(
+        loaded.model, loaded.example_inputs, loaded.example_kwargs, mesh=MeshSpec.parse(mesh), dynamic_shapes="auto"))
 
 
 def _per_rank_bytes(program, plan):
@@ -64,7 +67,7 @@ def test_data_parallel_without_budget_needs_no_collectives_inside_the_forward(ml
 def test_plan_is_deterministic(gpt2):
     program = _program(gpt2, "tp=2")
     a = solve_sharding(program, budget=0.6, preset="h100-nvlink")
-    b = solve_sharding(_program(gpt2, "tp=2"), budget=0.6, preset="h100-nvlink")
+    b = solve_sharding(_program(gpt2, "tp=2", fresh=True), budget=0.6, preset="h100-nvlink")  # a second capture
     assert a.plan.to_json() == b.plan.to_json()
 
 
@@ -149,7 +152,7 @@ def test_plan_file_is_keyed_by_the_graph_and_exports_to_parallelize_module(llama
     program = _program(llama, "tp=2")
     plan = make_plan("megatron", program, program.mesh)
     plan.save(tmp_path / "plan.json", program)
-    assert Plan.load(tmp_path / "plan.json", _program(llama, "tp=2")).to_json() == plan.to_json()
+    assert Plan.load(tmp_path / "plan.json", _program(llama, "tp=2", fresh=True)).to_json() == plan.to_json()
     with pytest.raises(MeshError, match="was made for graph .* but this program's graph is"):
         Plan.load(tmp_path / "plan.json", _program(mlp, "tp=2"))
     tp = plan.to_parallelize_module()

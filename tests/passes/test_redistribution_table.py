@@ -19,7 +19,7 @@ from meshc.placement import InterleavedShard, Partial, Replicate, Shard, describ
 from meshc.plan import make_plan
 from meshc.redistribute import Step, plan_steps, step_time, steps
 
-from ..capture_once import capture_once
+from ..capture_once import captured as capture
 
 MESHES = ["tp=2", "tp=4", "dp=2,tp=2"]
 MODELS = ["llama-tiny", "gpt2-tiny"]
@@ -29,18 +29,15 @@ MODELS = ["llama-tiny", "gpt2-tiny"]
 
 @pytest.fixture(scope="module")
 def captured():
-    """One capture (then dce) per model; each test puts the program on its own mesh (capture does
-    not depend on the mesh: it only records it). A model the session already captured on tp=2
-    with the CLI's defaults (tests/capture_once.py) is not captured again."""
-    import meshc
+    """One capture (then dce) per model, once per session (tests/capture_once.py); each test puts
+    the program on its own mesh (capture does not depend on the mesh: it only records it)."""
     from meshc.models import load_model
 
     out = {}
-    with capture_once():
-        for name in MODELS:
-            loaded = load_model(name)
-            out[name] = PassManager("dce").run(meshc.capture(loaded.model, loaded.example_inputs,
-                                                             loaded.example_kwargs, dynamic_shapes="auto", mesh="tp=2"))
+    for name in MODELS:
+        loaded = load_model(name)
+        out[name] = PassManager("dce").run(capture(loaded.model, loaded.example_inputs, loaded.example_kwargs,
+                                                   dynamic_shapes="auto", mesh="tp=2"))
     return out
 
 
