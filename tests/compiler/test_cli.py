@@ -1,6 +1,16 @@
 import pytest
 from meshc.cli import main
 
+from ..capture_once import capture_once
+
+
+@pytest.fixture
+def captures():
+    """`meshc show` / `meshc compile --mesh` capture once per session (tests/capture_once.py): these tests
+    are about what the commands print after capture."""
+    with capture_once() as memo:
+        yield memo
+
 
 def test_passes_table(capsys):
     assert main(["passes"]) == 0
@@ -16,7 +26,7 @@ def test_compile_main_job(tmp_path, capsys):
     assert (tmp_path / "003_lint.py").exists()
 
 
-def test_show_after_and_diff(capsys):
+def test_show_after_and_diff(captures, capsys):
     assert main(["show", "gpt2-tiny", "--after", "dce", "--diff"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("--- captured") and "-" in out and "_assert_tensor_metadata" in out
@@ -67,7 +77,7 @@ def test_run_on_a_pipeline_mesh_picks_micro_batches_that_divide_the_batch(capsys
 
 
 @pytest.mark.timeout(300)
-def test_a_mesh_that_divides_nothing_compiles_replicated_and_says_why(capsys):
+def test_a_mesh_that_divides_nothing_compiles_replicated_and_says_why(captures, capsys):
     """tp=3 divides none of llama-tiny's head counts and widths: shard what divides (nothing),
     replicate the rest, and name the sizes, the per-rank bytes and the sizes that would shard."""
     from meshc.cli import main
