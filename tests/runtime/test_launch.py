@@ -164,14 +164,16 @@ print(meshc.launch(rank, "tp=2", timeout=30))
 
 @pytest.mark.timeout(120)
 def test_launch_at_module_level_says_to_guard_it_with_main(tmp_path):
-    script = tmp_path / "unguarded.py"
+    from concurrent.futures import ThreadPoolExecutor
+
+    script, guarded = tmp_path / "unguarded.py", tmp_path / "guarded.py"
     script.write_text(LAUNCH_AT_MODULE_LEVEL)
-    r = run_killable([sys.executable, str(script)], timeout=90)
+    guarded.write_text(LAUNCH_AT_MODULE_LEVEL.replace("print(", 'if __name__ == "__main__":\n    print('))
+    with ThreadPoolExecutor(2) as pool:  # two independent scripts: run them side by side
+        runs = [pool.submit(run_killable, [sys.executable, str(f)], 90) for f in (script, guarded)]
+        r, fixed = (run.result() for run in runs)
     assert r.returncode == 1
     assert "calls meshc.launch at module level" in r.stderr
     assert 'Put the call under `if __name__ == "__main__":`' in r.stderr
     assert "died with exit code" not in r.stderr and "bootstrapping" not in r.stderr
-    guarded = tmp_path / "guarded.py"
-    guarded.write_text(LAUNCH_AT_MODULE_LEVEL.replace("print(", 'if __name__ == "__main__":\n    print('))
-    r = run_killable([sys.executable, str(guarded)], timeout=90)
-    assert r.returncode == 0 and r.stdout.strip() == "[0, 1]", r.stderr[-3000:]
+    assert fixed.returncode == 0 and fixed.stdout.strip() == "[0, 1]", fixed.stderr[-3000:]
