@@ -451,6 +451,9 @@ def cmd_run(args) -> int:
     print(f"predicted by the cost model ({args.preset}): "
           + (f"{stages[0]:.1f} ms" if len(stages) == 1 else "stages " + ", ".join(f"{t:.1f}" for t in stages) + " ms")
           + f" per forward on rank 0 (measured {r['forward_ms_median']:.1f} ms)")
+    if args.preset == "cpu-gloo":
+        print(f"  cpu-gloo holds generic CPU figures, not this machine's; `meshc calibrate --mesh {args.mesh}` "
+              f"measures it and writes cpu-calibrated.json for --preset")
     return 1 if failed else 0
 
 

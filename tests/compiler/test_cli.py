@@ -74,6 +74,7 @@ def test_run_on_a_pipeline_mesh_picks_micro_batches_that_divide_the_batch(capsys
     assert "pipeline_partition(virtual=1,schedule=1f1b,microbatches=2)" in out  # batch 2: 2, not 2 x stages
     assert out.count("max abs error 0.00e+00 (ok)") == 2  # forward-only pipeline output is exact
     assert "predicted by the cost model (cpu-gloo): stages " in out  # next to the measured forward
+    assert "`meshc calibrate --mesh pp=2` measures it" in out  # and how to price this machine instead
 
 
 @pytest.mark.timeout(300)
