@@ -39,7 +39,20 @@ def captured(model: torch.nn.Module, example_inputs: Any = None, example_kwargs:
         _MEMO[key] = real(model, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, **options)
     program = _MEMO[key].clone()
     program.mesh = MeshSpec.parse(mesh)
+    copies: dict[int, torch.Tensor] = {}  # its own tensors (tied ones stay one), so nothing writes the memo's
+    for name, t in program.state.items():
+        if id(t) not in copies:
+            copies[id(t)] = _own_copy(t)
+        program.state[name] = copies[id(t)]
     return program
+
+
+def _own_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the same kind: a Parameter stays a Parameter, a leaf stays a leaf."""
+    c = t.detach().clone()
+    if isinstance(t, torch.nn.Parameter):
+        return torch.nn.Parameter(c, requires_grad=t.requires_grad)
+    return c.requires_grad_(t.requires_grad)
 
 
 @contextlib.contextmanager
