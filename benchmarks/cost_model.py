@@ -10,7 +10,7 @@ copy, ATen dispatch, gloo collectives and point-to-point on tp=2) — nothing is
 and a pp=2 forward pipeline), rank 0's local Program is built without processes (the passes
 `meshc.compile` runs) and `meshc.predict` prices it with the calibrated preset; (3) the same
 configuration runs on a local gloo mesh (`meshc.launch`, one torch thread per rank) in `--rounds`
-alternating rounds over all configurations (default 2; the first configurations measured after
+alternating rounds over the forward configurations (default 2; the pp=2 run below: one; the first measured after
 calibration ran up to 1.5x slower, every part alike), each row from its round with the least time:
 forward time per rank: least (compared with the prediction, as calibration takes least times: other jobs
 only add time) and median with quartiles, the least thread CPU time of a call (what calibration's

@@ -17,7 +17,7 @@ speedup prediction. Entry points:
   one point-to-point send (pipeline stage boundaries); `p2p_issue_time`: what issuing sends or
   posting receives costs the issuing rank (measured presets).
 - `compute_time(flops, bytes_moved, preset)`: roofline, max(flops/peak, bytes/bandwidth).
-- `value_bytes(node)`: bytes of the tensors a node produces.
+- `value_bytes(node)`, `tensor_bytes(value)`: bytes of the tensors a node produces, or a meta value holds.
 - `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
   FakeTensors in `node.meta["val"]` (symbolic sizes are costed at their hint).
 - `calibrate_cpu(seconds)`: a quick peak/bandwidth measurement (the full calibration, with the
@@ -253,7 +253,12 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def value_bytes(node: fx.Node) -> int:
     """Bytes of the tensors an FX node produces (its meta value: a tensor, or a tuple of them)."""
-    return sum(_nbytes(t) for t in _tensors(node.meta.get("val")))
+    return tensor_bytes(node.meta.get("val"))
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a meta value (a tensor, or a tuple/list of them; symbolic sizes at their hints)."""
+    return sum(_nbytes(t) for t in _tensors(value))
 
 
 def _tensors(value) -> list[torch.Tensor]:

@@ -25,13 +25,12 @@ Arithmetic on the graph's metadata only: never runs a model or touches a process
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from meshc.cost_model import DevicePreset, get_preset, node_time, p2p_issue_time, size_hint, value_bytes
+from meshc.cost_model import DevicePreset, get_preset, node_time, p2p_issue_time, tensor_bytes, value_bytes
 from meshc.placement import Replicate
 from meshc.redistribute import Step, step_time
 
@@ -145,9 +144,7 @@ def stage_times(program, preset: DevicePreset | str) -> list[Prediction]:
 
 def _message_bytes(val) -> int:
     """Bytes of one stage-boundary message: a tensor's, or an int sent as a one-element int64 tensor."""
-    if isinstance(val, torch.Tensor):
-        return math.prod(size_hint(s) for s in val.shape) * val.dtype.itemsize
-    return 8
+    return tensor_bytes(val) if isinstance(val, torch.Tensor) else 8
 
 
 def _aliases(node: fx.Node) -> bool:

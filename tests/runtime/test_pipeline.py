@@ -9,6 +9,8 @@ import pytest
 import torch
 from meshc.runtime import launch
 
+from ..capture_once import captured
+
 TRAIN_SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1)]
 
 
@@ -227,22 +229,15 @@ def test_invalid_schedule_fails_before_any_process_is_needed():
                       microbatches=3, virtual=2)
 
 
-_LOCAL: dict[tuple, tuple] = {}
-
-
 def _local_program(mesh=None, stages=2, batch=4, model="llama-tiny"):
-    """The model and its split Program, compiled once per arguments in this module (a clone each call)."""
+    """The model and its split Program (captured once per session: tests/capture_once.py)."""
     import meshc
     from meshc.models import load_model
 
-    key = (mesh, stages, batch, model)
-    if key not in _LOCAL:
-        lm = load_model(model, batch=batch, seq=8)
-        program = meshc.capture(lm.model, lm.example_inputs, lm.example_kwargs, dynamic_shapes="auto", mesh=mesh)
-        _LOCAL[key] = lm, meshc.PassManager(f"dce,pipeline_partition(stages={stages},virtual={stages},"
-                                            f"schedule=interleaved-1f1b,microbatches=2),split_stages").run(program)
-    lm, program = _LOCAL[key]
-    return lm, program.clone()
+    lm = load_model(model, batch=batch, seq=8)
+    program = captured(lm.model, lm.example_inputs, lm.example_kwargs, dynamic_shapes="auto", mesh=mesh)
+    return lm, meshc.PassManager(f"dce,pipeline_partition(stages={stages},virtual={stages},"
+                                 f"schedule=interleaved-1f1b,microbatches=2),split_stages").run(program)
 
 
 def test_misuse_is_a_clear_error_in_one_process():
