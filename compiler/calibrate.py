@@ -309,12 +309,35 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(a, 0.0), max(b, 0.0)
 
 
+def compute_phase() -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """(graph, inputs) of the compute phase before each in-situ collective: a 2-block op_mix, 44
+    nodes, ~0.2-0.3 ms on a 2-core CPU — about a small tp forward's compute between collectives."""
+    return op_mix(2), _mix_inputs(2)
+
+
+def wall_times(fn: Callable[[], object], calls: int) -> list[float]:
+    """Wall seconds of each of `calls` back-to-back calls of fn."""
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def in_situ_times(collective: Callable[[], object], phase: fx.GraphModule, inputs: tuple, calls: int) -> list[float]:
+    """Wall seconds of `calls` (phase, collective) pairs back to back on every rank, no barrier, as a
+    forward issues its collectives (the first pair is dropped: the ranks start it together). Less
+    the phase's own time, a pair is what the collective costs in situ."""
+    with torch.no_grad():
+        return wall_times(lambda: (phase(*inputs), collective()), calls + 1)[1:]
+
+
 def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """On every rank, per collective issued as the compiled graphs issue them (`_c10d_functional` +
     `wait_tensor`), [(bytes, seconds)] per message size: "alone" — the least time after a barrier
-    (both ranks arrive together); "in_situ" — between compute phases (a 2-block op_mix before
-    each, ~0.3 ms on this CPU, about a small tp forward's compute between two collectives; no
-    barrier), the least time of phase + collective less the phase's least time alone: what a
+    (both ranks arrive together); "in_situ" — between compute phases (`in_situ_times` after
+    `compute_phase`), the least time of phase + collective less the phase's least time alone: what a
     forward pays at the machine's own speed, the wait for the other rank's arrival and gloo's
     thread hand-offs included; "in_situ_median" — the same with medians (kept for the record)."""
     import torch.distributed as dist
@@ -330,20 +353,11 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
         "all_to_all_single": lambda t: c10d.all_to_all_single.default(t, [t.shape[0] // n] * n,
                                                                        [t.shape[0] // n] * n, name),
     }
-    phase, inputs = op_mix(2), _mix_inputs(2)
-
-    def timed(fn, calls: int) -> list[float]:
-        out = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return out
-
+    phase, inputs = compute_phase()
     with torch.no_grad():
-        timed(lambda: phase(*inputs), 20)
+        wall_times(lambda: phase(*inputs), 20)
         dist.barrier(group)
-        phase_s = timed(lambda: phase(*inputs), 200)  # both ranks computing, as in a forward
+        phase_s = wall_times(lambda: phase(*inputs), 200)  # both ranks computing, as in a forward
     phase_least, phase_median = min(phase_s), statistics.median(phase_s)
     out: dict[str, dict[str, list[tuple[float, float]]]] = {"alone": {}, "in_situ": {}, "in_situ_median": {}}
     for kind, op in ops.items():
@@ -361,10 +375,9 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
             samples = []
             for _ in range(calls):
                 dist.barrier(group)
-                samples.extend(timed(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), 1))
+                samples.extend(wall_times(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), 1))
             dist.barrier(group)
-            with torch.no_grad():
-                between = timed(lambda op=op, t=t: (phase(*inputs), c10d.wait_tensor.default(op(t))), calls + 1)[1:]
+            between = in_situ_times(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), phase, inputs, calls)
             counted = float(local * 4 if kind in ("all_to_all_single",) else numel * 4)
             alone.append((counted, min(samples[1:])))
             in_situ.append((counted, max(min(between) - phase_least, 1e-9)))
@@ -523,5 +536,6 @@ def summary(preset: DevicePreset) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["calibrate", "fit_line", "measure_collectives", "measure_dispatch", "measure_matmuls", "measure_op_rates",
-           "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "summary", "write_preset"]
+__all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_times", "measure_collectives", "measure_dispatch",
+           "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "summary",
+           "wall_times", "write_preset"]

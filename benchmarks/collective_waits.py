@@ -1,0 +1,121 @@
+"""Does a forward's least call pay what calibration prices its collectives at? A/B on a local tp=2 mesh.
+
+    .venv/bin/python benchmarks/collective_waits.py                      # 4 rounds; ~1 min on 2 cores
+    .venv/bin/python benchmarks/collective_waits.py --rounds 2 --out /tmp/waits.json  # smoke run
+
+In one launch (two gloo ranks, one torch thread each), alternating rounds of: calibration's in-situ
+loop (`meshc.calibrate.in_situ_times` after `compute_phase`: phase then all-reduce, no barrier) for
+an all-reduce of the forward's message, and llama-h128-l4 megatron forwards (barrier before each);
+every round runs once with each rank's threads pinned to core rank % cores (`os.sched_setaffinity`)
+and once free, in alternating order. Per rank and setting: the in-situ least and median (less the
+phase's least and median), the least forward and its least thread CPU time, the least forward's
+wait per collective ((least - least CPU) / collectives), and least CPU + collectives x in-situ least:
+the least forward as the calibrated preset prices its collectives (its compute taken as measured).
+Writes benchmarks/results_collective_waits_cpu.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODEL = "llama-h128-l4"
+
+
+def _pin(pinned: bool, rank: int) -> None:
+    """Every thread of this process (gloo's included) on core rank % cores, or on every core."""
+    cores = {rank % os.cpu_count()} if pinned else set(range(os.cpu_count()))
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), cores)
+
+
+def _rank(device_mesh, rounds: int, calls: int, forwards: int) -> dict:
+    import meshc
+    import torch.distributed as dist
+    from cost_model import KW, SIZES, build
+    from meshc.calibrate import compute_phase, in_situ_times, wall_times
+
+    torch.set_num_threads(1)
+    rank, name = dist.get_rank(), device_mesh.get_group("tp").group_name
+    c10d = torch.ops._c10d_functional
+    model, ids = build(MODEL)
+    compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=KW, plan="megatron")
+    n_coll = sum("all_reduce" in str(n.target) for n in compiled.program.graph.nodes if n.op == "call_function")
+    cfg = SIZES[MODEL]
+    message = torch.randn(cfg["batch"] * cfg["seq"] * cfg["hidden_size"])  # what each all-reduce moves
+    phase, inputs = compute_phase()
+    out: dict = {}
+    with torch.no_grad():
+        for r in range(rounds):
+            for pinned in (False, True) if r % 2 == 0 else (True, False):
+                _pin(pinned, rank)
+                d = out.setdefault("pinned" if pinned else "free", {"phase": [], "in_situ": [], "fwd": [], "cpu": []})
+                dist.barrier()
+                d["phase"] += wall_times(lambda: phase(*inputs), 100)
+                dist.barrier()
+                d["in_situ"] += in_situ_times(lambda: c10d.wait_tensor.default(c10d.all_reduce.default(
+                    message, "sum", name)), phase, inputs, calls)
+                for _ in range(3):
+                    compiled(ids, **KW)
+                for _ in range(forwards):
+                    dist.barrier()
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    compiled(ids, **KW)
+                    d["fwd"].append(time.perf_counter() - t0)
+                    d["cpu"].append(time.thread_time() - c0)
+    return {"collectives": n_coll, "message_bytes": message.nbytes, **out}
+
+
+def summarize(rank: int, r: dict) -> list[dict]:
+    rows = []
+    for setting in ("free", "pinned"):
+        d, n = r[setting], r["collectives"]
+        least = min(d["in_situ"]) - min(d["phase"])
+        fwd, cpu = min(d["fwd"]), min(d["cpu"])
+        rows.append({"rank": rank, "setting": setting, "in_situ_least_ms": least * 1e3,
+                     "in_situ_median_ms": (statistics.median(d["in_situ"]) - statistics.median(d["phase"])) * 1e3,
+                     "forward_least_ms": fwd * 1e3, "forward_median_ms": statistics.median(d["fwd"]) * 1e3,
+                     "forward_least_cpu_ms": cpu * 1e3, "forward_wait_per_collective_ms": (fwd - cpu) / n * 1e3,
+                     "least_cpu_plus_in_situ_least_ms": (cpu + n * least) * 1e3,
+                     "error": (cpu + n * least - fwd) / fwd})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from meshc.runtime.launch import launch
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--calls", type=int, default=40, help="in-situ pairs per round and setting")
+    p.add_argument("--forwards", type=int, default=25, help="forwards per round and setting")
+    p.add_argument("--out", default="results_collective_waits_cpu.json", help="results file (in benchmarks/)")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    ranks = launch(_rank, "tp=2", a.rounds, a.calls, a.forwards, timeout=600)
+    rows = [row for i, r in enumerate(ranks) for row in summarize(i, r)]
+    for row in rows:
+        print(f"rank {row['rank']} {row['setting']:6}: in-situ least {row['in_situ_least_ms']:.3f} ms "
+              f"(median {row['in_situ_median_ms']:.3f}); forward least {row['forward_least_ms']:.2f} "
+              f"(median {row['forward_median_ms']:.2f}, least CPU {row['forward_least_cpu_ms']:.2f}), "
+              f"wait {row['forward_wait_per_collective_ms']:.3f} per collective; least CPU + "
+              f"{ranks[0]['collectives']} x in-situ least {row['least_cpu_plus_in_situ_least_ms']:.2f} "
+              f"({100 * row['error']:+.0f}%)")
+    result = {"benchmark": "collective_waits", "model": MODEL, "plan": "megatron", "mesh": "tp=2",
+              "collectives": ranks[0]["collectives"], "message_bytes": ranks[0]["message_bytes"], "rows": rows,
+              "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
+              "seconds": time.perf_counter() - t0,
+              "command": "python benchmarks/collective_waits.py " + " ".join(argv or [])}
+    (Path(__file__).parent / a.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
