@@ -8,9 +8,11 @@ loop (`meshc.calibrate.in_situ_times` after `compute_phase`: phase then all-redu
 an all-reduce of the forward's message, and llama-h128-l4 megatron forwards (barrier before each);
 every round runs once with each rank's threads pinned to core rank % cores (`os.sched_setaffinity`)
 and once free, in alternating order. Per rank and setting: the in-situ least and median (less the
-phase's least and median), the least forward and its least thread CPU time, the least forward's
-wait per collective ((least - least CPU) / collectives), and least CPU + collectives x in-situ least:
-the least forward as the calibrated preset prices its collectives (its compute taken as measured).
+phase's least and median), a collective's own thread CPU time (the in-situ loop's CPU per pair less
+the phase's), the least forward, its compute (least thread CPU less its collectives' own CPU), what
+its least call paid per collective ((least - compute) / collectives), and compute + collectives x
+in-situ least: the least forward as the calibrated preset prices its collectives (its compute taken
+as measured).
 Writes benchmarks/results_collective_waits_cpu.json (or --out).
 """
 
@@ -56,12 +58,17 @@ def _rank(device_mesh, rounds: int, calls: int, forwards: int) -> dict:
         for r in range(rounds):
             for pinned in (False, True) if r % 2 == 0 else (True, False):
                 _pin(pinned, rank)
-                d = out.setdefault("pinned" if pinned else "free", {"phase": [], "in_situ": [], "fwd": [], "cpu": []})
+                d = out.setdefault("pinned" if pinned else "free", {"phase": [], "in_situ": [], "fwd": [], "cpu": [],
+                                                                  "phase_cpu": [], "in_situ_cpu": []})
                 dist.barrier()
+                c0 = time.thread_time()
                 d["phase"] += wall_times(lambda: phase(*inputs), 100)
+                d["phase_cpu"].append((time.thread_time() - c0) / 100)
                 dist.barrier()
+                c0 = time.thread_time()
                 d["in_situ"] += in_situ_times(lambda: c10d.wait_tensor.default(c10d.all_reduce.default(
                     message, "sum", name)), phase, inputs, calls)
+                d["in_situ_cpu"].append((time.thread_time() - c0) / (calls + 1))
                 for _ in range(3):
                     compiled(ids, **KW)
                 for _ in range(forwards):
@@ -78,13 +85,20 @@ def summarize(rank: int, r: dict) -> list[dict]:
     for setting in ("free", "pinned"):
         d, n = r[setting], r["collectives"]
         least = min(d["in_situ"]) - min(d["phase"])
-        fwd, cpu = min(d["fwd"]), min(d["cpu"])
+        coll_cpu = max(min(d["in_situ_cpu"]) - min(d["phase_cpu"]), 0.0)  # a collective's own CPU (in least)
+        fwd, compute = min(d["fwd"]), min(d["cpu"]) - n * coll_cpu
         rows.append({"rank": rank, "setting": setting, "in_situ_least_ms": least * 1e3,
                      "in_situ_median_ms": (statistics.median(d["in_situ"]) - statistics.median(d["phase"])) * 1e3,
+                     "in_situ_mean_ms": (statistics.mean(d["in_situ"]) - statistics.mean(d["phase"])) * 1e3,
+                     "forward_mean_ms": statistics.mean(d["fwd"]) * 1e3,
+                     "collective_cpu_ms": coll_cpu * 1e3,
                      "forward_least_ms": fwd * 1e3, "forward_median_ms": statistics.median(d["fwd"]) * 1e3,
-                     "forward_least_cpu_ms": cpu * 1e3, "forward_wait_per_collective_ms": (fwd - cpu) / n * 1e3,
-                     "least_cpu_plus_in_situ_least_ms": (cpu + n * least) * 1e3,
-                     "error": (cpu + n * least - fwd) / fwd})
+                     "forward_least_cpu_ms": min(d["cpu"]) * 1e3, "forward_compute_cpu_ms": compute * 1e3,
+                     "forward_collective_ms": (fwd - compute) / n * 1e3,
+                     "compute_plus_in_situ_least_ms": (compute + n * least) * 1e3,
+                     "error": (compute + n * least - fwd) / fwd,
+                     "mean_error": (compute + n * (statistics.mean(d["in_situ"]) - statistics.mean(d["phase"]))
+                                    - statistics.mean(d["fwd"])) / statistics.mean(d["fwd"])})
     return rows
 
 
@@ -104,10 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(f"rank {row['rank']} {row['setting']:6}: in-situ least {row['in_situ_least_ms']:.3f} ms "
               f"(median {row['in_situ_median_ms']:.3f}); forward least {row['forward_least_ms']:.2f} "
-              f"(median {row['forward_median_ms']:.2f}, least CPU {row['forward_least_cpu_ms']:.2f}), "
-              f"wait {row['forward_wait_per_collective_ms']:.3f} per collective; least CPU + "
-              f"{ranks[0]['collectives']} x in-situ least {row['least_cpu_plus_in_situ_least_ms']:.2f} "
-              f"({100 * row['error']:+.0f}%)")
+              f"(median {row['forward_median_ms']:.2f}, least CPU {row['forward_least_cpu_ms']:.2f} of which "
+              f"compute {row['forward_compute_cpu_ms']:.2f}), {row['forward_collective_ms']:.3f} per collective; "
+              f"compute + {ranks[0]['collectives']} x in-situ least {row['compute_plus_in_situ_least_ms']:.2f} "
+              f"({100 * row['error']:+.0f}%); mean: in-situ {row['in_situ_mean_ms']:.3f}, forward "
+              f"{row['forward_mean_ms']:.2f}, compute + {ranks[0]['collectives']} x in-situ mean "
+              f"{100 * row['mean_error']:+.0f}%")
     result = {"benchmark": "collective_waits", "model": MODEL, "plan": "megatron", "mesh": "tp=2",
               "collectives": ranks[0]["collectives"], "message_bytes": ranks[0]["message_bytes"], "rows": rows,
               "load_average_at_end": os.getloadavg(), "torch": torch.__version__,
