@@ -35,17 +35,18 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
   the time the sender spends issuing a send and the receiver posting a receive, by message size
   → `p2p_fits` (what each pipeline stage pays for the messages it emits).
 
-One statistic throughout: every figure is a least time. Kernel times are the least of repeated
-runs (the thread's CPU time with one torch thread); an in-situ collective is the least time of
-compute phase + collective less the phase's least time alone. On a shared machine other jobs and
-the scheduler only add time, so the fastest run is the machine's own speed; the preset predicts a
-forward run at that speed, and is compared with a forward's least call (`benchmarks/cost_model.py`).
-The waits are the noisiest part of a forward — on 2 cores a collective's median wait in situ is
-2-3x its least, and the heavy tail (scheduler time slices) comes in runs that hit all of a
-forward's collectives alike — so a forward's least call is one whose collectives all waited about
-their least; pricing them by a median paired their usual wait with the fastest kernels (+43% / +97%
-on the collective-bound validation rows). The in-situ medians stay in the raw measurements
-(`seconds_by_bytes_in_situ_median`). Every rank uses rank 0's figures, so all ranks plan alike.
+One statistic throughout: every figure of the preset is a least time. Kernel times are the least
+of repeated runs (the thread's CPU time with one torch thread); an in-situ collective is the least
+time of compute phase + collective less the phase's least time alone. On a shared machine other
+jobs and the scheduler only add time, so the fastest run is the machine's own speed; the preset
+predicts a forward at that speed, compared with a forward's least call (`benchmarks/cost_model.py`;
+it priced collectives by their median in-situ time before, +43% / +97% on the collective-bound
+rows). Known bias: a least is not additive — a forward's least call needs all its collectives'
+waits short at once, a loop's least only one — so collective-bound forwards are predicted low
+(`benchmarks/collective_waits.py` measures by how much). The in-situ medians and means stay in the
+raw measurements (`seconds_by_bytes_in_situ_median`, `_mean`); the mean is additive, and
+`benchmarks/cost_model.py` also prices each forward's mean with it. Every rank uses rank 0's
+figures, so all ranks plan alike.
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
     (both ranks arrive together); "in_situ" — between compute phases (`in_situ_times` after
     `compute_phase`), the least time of phase + collective less the phase's least time alone: what a
     forward pays at the machine's own speed, the wait for the other rank's arrival and gloo's
-    thread hand-offs included; "in_situ_median" — the same with medians (kept for the record)."""
+    thread hand-offs included; "in_situ_median", "in_situ_mean" — the same with medians and means
+    (kept in the raw measurements: `benchmarks/cost_model.py` prices a forward's mean with the means)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -358,15 +360,16 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
         wall_times(lambda: phase(*inputs), 20)
         dist.barrier(group)
         phase_s = wall_times(lambda: phase(*inputs), 200)  # both ranks computing, as in a forward
-    phase_least, phase_median = min(phase_s), statistics.median(phase_s)
-    out: dict[str, dict[str, list[tuple[float, float]]]] = {"alone": {}, "in_situ": {}, "in_situ_median": {}}
+    phase_least, phase_median, phase_mean = min(phase_s), statistics.median(phase_s), statistics.mean(phase_s)
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {how: {} for how in ("alone", "in_situ", "in_situ_median",
+                                                                                   "in_situ_mean")}
     for kind, op in ops.items():
         try:
             c10d.wait_tensor.default(op(torch.zeros(64 * n)))
         except (RuntimeError, NotImplementedError):
             dist.barrier(group)
             continue  # not implemented by this backend: priced as the backend implements it
-        alone, in_situ, in_situ_median = [], [], []
+        alone, in_situ, in_situ_median, in_situ_mean = [], [], [], []
         for nbytes in MESSAGE_BYTES:
             numel = max(nbytes // 4 // n * n, n)  # the tensor collective_time's nbytes describes
             local = numel // n if kind == "all_gather_into_tensor" else numel
@@ -382,12 +385,15 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
             alone.append((counted, min(samples[1:])))
             in_situ.append((counted, max(min(between) - phase_least, 1e-9)))
             in_situ_median.append((counted, max(statistics.median(between) - phase_median, 1e-9)))
-        out["alone"][kind], out["in_situ"][kind], out["in_situ_median"][kind] = alone, in_situ, in_situ_median
+            in_situ_mean.append((counted, max(statistics.mean(between) - phase_mean, 1e-9)))
+        for how, rows in (("alone", alone), ("in_situ", in_situ), ("in_situ_median", in_situ_median),
+                          ("in_situ_mean", in_situ_mean)):
+            out[how][kind] = rows
     return out
 
 
 def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> tuple[int, dict]:
-    """(group size, {"alone" | "in_situ" | "in_situ_median": {collective: [(bytes, seconds), ...]}})
+    """(group size, {"alone" | "in_situ" | "in_situ_median" | "in_situ_mean": {collective: [(bytes, s), ...]}})
     on the mesh's tensor-parallel (else first) dim, the slowest rank's time per size (a collective
     ends when its last rank does)."""
     from meshc.mesh import MeshSpec
@@ -401,6 +407,18 @@ def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> t
                     for kind, rows in by_kind.items()}
               for how, by_kind in ranks[0].items()}
     return n, merged
+
+
+def ring_fits(n: int, rows_by_kind: dict[str, list[tuple[float, float]]]) -> tuple[tuple[str, float, float], ...]:
+    """`collective_fits` of measured [(bytes, seconds)] per collective on a group of n: a fit
+    t = a + b·bytes (`fit_line`) stored as the ring alpha/beta that `cost_model.collective_time`
+    turns back into t for that group size."""
+    fits = []
+    for kind, rows in rows_by_kind.items():
+        a, b = fit_line(rows)
+        r = ROUNDS[kind]
+        fits.append((kind, a / (r * (n - 1)), b * n / (r * (n - 1))))
+    return tuple(fits)
 
 
 def _p2p_rank(device_mesh, iters: int) -> dict[str, list[tuple[float, float]]]:
@@ -466,12 +484,8 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
     spec = MeshSpec.parse(mesh)
     if spec.size > 1:
         n, colls = measure_collectives(spec)
-        fits = []
-        for kind, rows in colls["in_situ"].items():
-            a, b = fit_line(rows)
-            r = ROUNDS[kind]
-            fits.append((kind, a / (r * (n - 1)), b * n / (r * (n - 1))))
-        figures["collective_fits"] = tuple(fits)
+        fits = ring_fits(n, colls["in_situ"])
+        figures["collective_fits"] = fits
         alpha, beta = next((a, b) for k, a, b in fits if k == "all_reduce")
         figures.update(intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha, inter_beta=beta)
         p2p = measure_p2p(spec)
@@ -537,5 +551,5 @@ def summary(preset: DevicePreset) -> str:
 
 
 __all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_times", "measure_collectives", "measure_dispatch",
-           "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "summary",
-           "wall_times", "write_preset"]
+           "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "ring_fits",
+           "summary", "wall_times", "write_preset"]

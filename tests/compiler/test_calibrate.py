@@ -1,7 +1,9 @@
 """meshc calibrate (microbenchmarks -> preset file), preset files, and meshc.predict's arithmetic."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import meshc
 import pytest
@@ -12,6 +14,8 @@ from meshc import cost_model as cm
 from meshc.cli import main
 from meshc.predict import PARTS, forward_time, part, peak_memory
 from meshc.redistribute import Step, step_time
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fit_line_recovers_a_line_and_weighs_relative_error():
@@ -46,14 +50,15 @@ def test_meshc_calibrate_writes_a_preset_that_preset_accepts(tmp_path, capsys):
     assert cm.matmul_rate(flops[-1] * 10, p) == p.matmul_curve[-1][1]  # and above
 
 
-def test_collective_fits_become_ring_alpha_beta(monkeypatch):
+def test_collective_fits_become_ring_alpha_beta(monkeypatch, tmp_path):
     n = 2
     in_situ = {"all_reduce": [(b, 1e-4 + b * 1e-9) for b in cal.MESSAGE_BYTES],
                "all_gather_into_tensor": [(b, 5e-5 + b * 4e-10) for b in cal.MESSAGE_BYTES]}
     alone = {k: [(b, t / 3) for b, t in rows] for k, rows in in_situ.items()}
     median = {k: [(b, t * 2) for b, t in rows] for k, rows in in_situ.items()}
-    monkeypatch.setattr(cal, "measure_collectives",
-                        lambda spec: (n, {"alone": alone, "in_situ": in_situ, "in_situ_median": median}))
+    mean = {k: [(b, 3e-4 + b * 2e-9) for b, _ in rows] for k, rows in in_situ.items()}
+    monkeypatch.setattr(cal, "measure_collectives", lambda spec: (
+        n, {"alone": alone, "in_situ": in_situ, "in_situ_median": median, "in_situ_mean": mean}))
     monkeypatch.setattr(cal, "measure_matmuls", lambda s: [(1e6, 1e10), (1e8, 2e10)])
     monkeypatch.setattr(cal, "measure_sdpa", lambda s: [(1e6, 5e9)])
     monkeypatch.setattr(cal, "measure_op_rates", lambda s, fixed: {"aten.silu.default": 1e-9})
@@ -78,6 +83,16 @@ def test_collective_fits_become_ring_alpha_beta(monkeypatch):
     assert raw["collectives"]["group_size"] == 2
     assert raw["collectives"]["seconds_by_bytes_alone"]["all_reduce"][0] == list(alone["all_reduce"][0])
     assert raw["collectives"]["seconds_by_bytes_in_situ_median"]["all_reduce"][0] == list(median["all_reduce"][0])
+    # the validation benchmark's second pricing: the same preset with the collectives at their mean in-situ time
+    cal.write_preset(p, str(tmp_path / "p.json"), raw)
+    bench = importlib.util.spec_from_file_location("cost_model_bench", ROOT / "benchmarks" / "cost_model.py")
+    module = importlib.util.module_from_spec(bench)
+    bench.loader.exec_module(module)
+    means = module.mean_waits_preset(str(tmp_path / "p.json"))
+    for kind, rows in mean.items():
+        for nbytes, t in rows:
+            assert cm.collective_time(kind, nbytes, n, means) == pytest.approx(t, rel=1e-6)
+    assert means.op_overheads == p.op_overheads and means.matmul_curve == p.matmul_curve  # the rest unchanged
     # point-to-point issue costs: the fits reproduce the measured rows, one message at a time
     for kind, rows in p2p.items():
         for nbytes, t in rows:
@@ -208,12 +223,12 @@ def test_collectives_priced_as_the_backend_runs_them(mlp):
 @pytest.mark.slow  # two gloo ranks, every collective at 8 sizes, alone and after a compute phase (~1 min)
 def test_collectives_are_measured_alone_and_in_situ_on_the_mesh():
     n, colls = cal.measure_collectives("tp=2", iters=2, timeout=240)
-    assert n == 2 and set(colls) == {"alone", "in_situ", "in_situ_median"}
+    assert n == 2 and set(colls) == {"alone", "in_situ", "in_situ_median", "in_situ_mean"}
     for how in colls:
         rows = colls[how]["all_reduce"]
         assert [b for b, _ in rows] == [float(b) for b in cal.MESSAGE_BYTES]
         assert all(0 < t < 10 for _, t in rows)
-    assert set(colls["in_situ"]) == set(colls["alone"]) == set(colls["in_situ_median"])
+    assert set(colls["in_situ"]) == set(colls["alone"]) == set(colls["in_situ_median"]) == set(colls["in_situ_mean"])
 
 
 @pytest.mark.slow  # two gloo ranks, 8 message sizes (~5 s)
