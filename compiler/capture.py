@@ -4,7 +4,8 @@ Entry point: `capture(model, example_inputs, example_kwargs=None, dynamic_shapes
 
 The main path is `torch.export` (non-strict) lowered to the ATen inference IR with no extra
 decompositions (`aten.linear` and `aten.scaled_dot_product_attention` stay whole, which is the
-level auto-sharding reasons at). Modules torch.export cannot take for reasons other than the
+level auto-sharding reasons at); `meshc.inference_ir` lowers by a local rewrite where that is exact
+and takes torch's `run_decompositions({})` elsewhere. Modules torch.export cannot take for reasons other than the
 user's own code fall back to `make_fx` over a functional call, with a warning naming the reason.
 Data-dependent control flow and KV-cache outputs get a `CaptureError` that says what to do.
 A model built on 'meta' gets its non-persistent buffers recomputed on CPU (`meta_buffers.py`), so
@@ -22,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from meshc.errors import CaptureError
+from meshc.inference_ir import to_inference_ir
 from meshc.mesh import MeshSpec
 from meshc.meta_buffers import rebuild_meta_buffers
 from meshc.program import Program
@@ -143,7 +145,7 @@ def _export(model, args, kwargs, shapes, input_writes=False):
     with warnings.catch_warnings():  # torch-internal deprecation noise from pytree, not the user's
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, strict=False)
-        ep = ep.run_decompositions({})
+        ep = to_inference_ir(ep)  # run_decompositions({}) without its second trace where that is exact
     sig = ep.graph_signature
     originals = dict(model.named_parameters(remove_duplicate=False))
     originals.update(model.named_buffers(remove_duplicate=False))
