@@ -12,7 +12,9 @@ phase's least and median), a collective's own thread CPU time (the in-situ loop'
 the phase's), the least forward, its compute (least thread CPU less its collectives' own CPU), what
 its least call paid per collective ((least - compute) / collectives), and compute + collectives x
 in-situ least: the least forward as the calibrated preset prices its collectives (its compute taken
-as measured).
+as measured). Also the least over blocks of as many pairs as the forward has collectives, each block
+after a barrier as a forward is (per pair, less the phase), and the means of both sides: a least
+is not additive (a forward's least needs every wait short at once), a mean is.
 Writes benchmarks/results_collective_waits_cpu.json (or --out).
 """
 
@@ -54,21 +56,27 @@ def _rank(device_mesh, rounds: int, calls: int, forwards: int) -> dict:
     message = torch.randn(cfg["batch"] * cfg["seq"] * cfg["hidden_size"])  # what each all-reduce moves
     phase, inputs = compute_phase()
     out: dict = {}
+
+    def ar():
+        return c10d.wait_tensor.default(c10d.all_reduce.default(message, "sum", name))
+
     with torch.no_grad():
         for r in range(rounds):
             for pinned in (False, True) if r % 2 == 0 else (True, False):
                 _pin(pinned, rank)
                 d = out.setdefault("pinned" if pinned else "free", {"phase": [], "in_situ": [], "fwd": [], "cpu": [],
-                                                                  "phase_cpu": [], "in_situ_cpu": []})
+                                                                  "phase_cpu": [], "in_situ_cpu": [], "blocks": []})
                 dist.barrier()
                 c0 = time.thread_time()
                 d["phase"] += wall_times(lambda: phase(*inputs), 100)
                 d["phase_cpu"].append((time.thread_time() - c0) / 100)
                 dist.barrier()
                 c0 = time.thread_time()
-                d["in_situ"] += in_situ_times(lambda: c10d.wait_tensor.default(c10d.all_reduce.default(
-                    message, "sum", name)), phase, inputs, calls)
+                d["in_situ"] += in_situ_times(ar, phase, inputs, calls)
                 d["in_situ_cpu"].append((time.thread_time() - c0) / (calls + 1))
+                for _ in range(calls // n_coll):  # blocks of as many pairs as a forward has, after a barrier
+                    dist.barrier()
+                    d["blocks"].append(sum(wall_times(lambda: (phase(*inputs), ar()), n_coll)) / n_coll)
                 for _ in range(3):
                     compiled(ids, **KW)
                 for _ in range(forwards):
@@ -96,6 +104,8 @@ def summarize(rank: int, r: dict) -> list[dict]:
                      "forward_least_cpu_ms": min(d["cpu"]) * 1e3, "forward_compute_cpu_ms": compute * 1e3,
                      "forward_collective_ms": (fwd - compute) / n * 1e3,
                      "compute_plus_in_situ_least_ms": (compute + n * least) * 1e3,
+                     "block_least_ms": (min(d["blocks"]) - min(d["phase"])) * 1e3,
+                     "block_error": (compute + n * (min(d["blocks"]) - min(d["phase"])) - fwd) / fwd,
                      "error": (compute + n * least - fwd) / fwd,
                      "mean_error": (compute + n * (statistics.mean(d["in_situ"]) - statistics.mean(d["phase"]))
                                     - statistics.mean(d["fwd"])) / statistics.mean(d["fwd"])})
@@ -121,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"(median {row['forward_median_ms']:.2f}, least CPU {row['forward_least_cpu_ms']:.2f} of which "
               f"compute {row['forward_compute_cpu_ms']:.2f}), {row['forward_collective_ms']:.3f} per collective; "
               f"compute + {ranks[0]['collectives']} x in-situ least {row['compute_plus_in_situ_least_ms']:.2f} "
-              f"({100 * row['error']:+.0f}%); mean: in-situ {row['in_situ_mean_ms']:.3f}, forward "
+              f"({100 * row['error']:+.0f}%); blocks of {ranks[0]['collectives']}: least "
+              f"{row['block_least_ms']:.3f} per pair ({100 * row['block_error']:+.0f}%); "
+              f"mean: in-situ {row['in_situ_mean_ms']:.3f}, forward "
               f"{row['forward_mean_ms']:.2f}, compute + {ranks[0]['collectives']} x in-situ mean "
               f"{100 * row['mean_error']:+.0f}%")
     result = {"benchmark": "collective_waits", "model": MODEL, "plan": "megatron", "mesh": "tp=2",
