@@ -6,19 +6,23 @@ rewritten in place, or the one `ep.run_decompositions({})` returns.
 Why: `run_decompositions({})` traces the whole graph a second time (functionalization, fake
 tensors, symbolic shapes), and with dynamic batch and sequence that costs more than the export
 itself — on a 2-layer Hugging Face decoder about 2.3 s against 1.1 s, nearly all of it symbolic
-shape arithmetic. On a graph with no mutation and no higher-order op (grad mode, autocast), all
-that second trace changes is small: the composite (CompositeImplicitAutograd) ops torch does not
-preserve are replaced by their decompositions, and dead code goes. The ops decoders use have
+shape arithmetic. On a graph with no higher-order op (grad mode, autocast) and no mutation of
+anything but fresh intermediates, all that second trace changes is small: the composite
+(CompositeImplicitAutograd) ops torch does not preserve are replaced by their decompositions, in-place
+ops become functional, and dead code goes. The ops decoders use have
 short, exact decompositions, emitted here as torch emits them:
 
     to.* (no change)            -> (its input)          to.* (a change)   -> _to_copy
     dropout(train=False)        -> clone                contiguous        -> (its input) | clone
     reshape / flatten           -> view | clone + _unsafe_view           chunk -> split.Tensor
+    numpy_T                     -> permute              lift_fresh_copy   -> clone
+    x.op_(...) (x a fresh tensor nothing else reads)    -> op(x, ...), as functionalization does
 
 `reshape` is a view exactly when torch's own reshape of the fake value aliases it (run under the
-program's fake mode, so symbolic sizes decide as in the trace). Anything else — a mutation, a
-higher-order op, a composite op torch does not preserve and this table does not cover, a rule's
-case it does not cover (dropout in training, a -1 that stands for a symbolic size) — makes the
+program's fake mode, so symbolic sizes decide as in the trace). Anything else — a mutation of an
+input, a buffer or a tensor something else reads, a higher-order op, a composite op torch does not
+preserve and this table does not cover, a rule's case it does not cover (dropout in training, a -1
+for a symbolic size no node holds) — makes the
 whole graph take `run_decompositions({})`. `tests/compiler/test_inference_ir.py` checks the
 rewritten graph against `run_decompositions({})` on every built-in model.
 """
@@ -72,9 +76,9 @@ def _plan(ep) -> list[tuple[fx.Node, Callable]]:
         if isinstance(target, torch._ops.OpOverload):
             if target in _RULES:
                 edits.append((node, _RULES[target](node, fake_mode)))
+            elif target._schema.is_mutable:
+                edits.append((node, _in_place(node, fake_mode)))
             elif _is_composite(target) and target not in preserved:
-                raise _Retrace
-            elif target._schema.is_mutable or target in _FUNCTIONALIZED:
                 raise _Retrace
         elif not (callable(target) and getattr(target, "__module__", None) in ("_operator", "operator", "math")
                   or target in _SYM_FUNCTIONS):
@@ -86,8 +90,6 @@ def _is_composite(op: torch._ops.OpOverload) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
 
 
-#: Non-composite ops the retrace still changes.
-_FUNCTIONALIZED = {aten.lift_fresh_copy.default}
 _SYM_FUNCTIONS = {torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int, torch.sym_ite,
                   torch.sym_sqrt}
 
@@ -207,6 +209,23 @@ def _chunk(node: fx.Node, fake_mode) -> Callable:
     return _emit(node, fake_mode, [(aten.split.Tensor, (None, split, kw.get("dim", 0)), {})])
 
 
+def _in_place(node: fx.Node, fake_mode) -> Callable:
+    """`x.op_(...)` on a fresh tensor nothing else reads -> `op(x, ...)`, as functionalization does."""
+    schema, x = node.target._schema, node.args[0] if node.args else None
+    writes = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    functional = getattr(getattr(aten, schema.name.split("::")[-1].rstrip("_"), None), node.target._overloadname, None)
+    if (len(writes) != 1 or writes[0] is not schema.arguments[0] or functional is None or not isinstance(x, fx.Node)
+            or len(x.users) != 1 or not _fresh(x)):
+        raise _Retrace
+    return _emit(node, fake_mode, [(functional, (None, *node.args[1:]), dict(node.kwargs))])
+
+
+def _fresh(node: fx.Node) -> bool:
+    """The node makes a new tensor (an op whose result aliases no input)."""
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and not node.target._schema.is_mutable and all(r.alias_info is None for r in node.target._schema.returns))
+
+
 def _static(size) -> int | None:
     if isinstance(size, int):
         return size
@@ -240,6 +259,9 @@ _RULES: dict = {
     aten.reshape.default: _reshape,
     aten.flatten.using_ints: _flatten,
     aten.chunk.default: _chunk,
+    aten.numpy_T.default: lambda node, fake_mode: _emit(node, fake_mode, [
+        (aten.permute.default, (None, list(range(node.args[0].meta["val"].dim()))[::-1]), {})]),
+    aten.lift_fresh_copy.default: lambda node, fake_mode: _emit(node, fake_mode, [(aten.clone.default, (None,), {})]),
 }
 
 __all__ = ["to_inference_ir"]
