@@ -13,7 +13,7 @@ Spawned ranks re-import the user's script; one that finds `launch` at its top le
 Ranks start from multiprocessing's forkserver, which has imported torch, meshc and (when installed)
 transformers once: a 2-rank launch after the first costs about 0.6 s instead of about 4 s of
 imports per rank on a 2-core CPU. The server also makes one tiny capture on 'meta'
-(`forkserver_warmup.py`), so no rank pays torch.export's first-call set-up (about 1.5 s each).
+(`meshc.capture_warmup`), so no rank pays torch.export's first-call set-up (about 1.5 s each).
 Each rank gets this process's environment as it is at the launch
 (not the server's), set before anything of the job is unpickled. `MESHC_START_METHOD=spawn` starts
 every rank from a fresh interpreter instead.
@@ -106,7 +106,7 @@ def _start_context():
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload([m for m in ("torch", "torch.distributed", "meshc", "transformers",
-                                                "meshc.runtime.forkserver_warmup")
+                                                "meshc.capture_warmup")
                                     if importlib.util.find_spec(m.split(".")[0]) is not None])
     return ctx
 

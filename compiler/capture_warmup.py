@@ -1,5 +1,5 @@
-"""Imported once, by `meshc.launch`'s forkserver: a tiny capture on 'meta', so every rank forked
-from the server starts with torch.export initialised.
+"""Imported once, by `meshc.launch`'s forkserver (by name: the runtime builds no graph itself): a
+tiny capture on 'meta', so every rank forked from the server starts with torch.export initialised.
 
 A process's first capture pays lazy set-up that later ones skip (torch's export, dynamo and
 functorch modules, fake-tensor and symbolic-shape state): about 1.5 s on a 2-core CPU, per rank,
