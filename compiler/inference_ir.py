@@ -116,15 +116,23 @@ def _replace(graph: fx.Graph, node: fx.Node, target, args: tuple, kwargs: dict |
     return new
 
 
+class _Arg:
+    """In a step's args: the node's i-th argument when the edit runs (an earlier edit may have
+    replaced the node that was there when the plan was made)."""
+
+    def __init__(self, i: int):
+        self.i = i
+
+
 def _emit(node: fx.Node, fake_mode, steps: list[tuple]) -> Callable:
     """The edit that replaces `node` by `steps`: (target, args, kwargs) each, where the arg None
-    stands for the previous step's output (the node's first input before the first step); no
-    steps: the node's uses read its input."""
+    stands for the previous step's output (the node's first input before the first step) and
+    `_Arg(i)` for the node's i-th argument; no steps: the node's uses read its input."""
 
     def edit(graph: fx.Graph, node: fx.Node) -> None:
         value = node.args[0]
         for target, args, kwargs in steps:
-            args = tuple(value if a is None else a for a in args)
+            args = tuple(value if a is None else node.args[a.i] if isinstance(a, _Arg) else a for a in args)
             new = _replace(graph, node, target, args, kwargs)
             with fake_mode:
                 new.meta["val"] = target(*_val(args), **_val(kwargs))
@@ -211,19 +219,33 @@ def _chunk(node: fx.Node, fake_mode) -> Callable:
 
 def _in_place(node: fx.Node, fake_mode) -> Callable:
     """`x.op_(...)` on a fresh tensor nothing else reads -> `op(x, ...)`, as functionalization does."""
+    functional = _functional(node)
+    if functional is None:
+        raise _Retrace
+    return _emit(node, fake_mode, [(functional, (None, *(_Arg(i) for i in range(1, len(node.args)))),
+                                    dict(node.kwargs))])
+
+
+def _functional(node: fx.Node):
+    """The functional op of an in-place `node` whose written tensor (its first argument) is fresh and
+    read by nothing else, and whose keyword arguments hold no node; else None."""
     schema, x = node.target._schema, node.args[0] if node.args else None
     writes = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
     functional = getattr(getattr(aten, schema.name.split("::")[-1].rstrip("_"), None), node.target._overloadname, None)
     if (len(writes) != 1 or writes[0] is not schema.arguments[0] or functional is None or not isinstance(x, fx.Node)
-            or len(x.users) != 1 or not _fresh(x)):
-        raise _Retrace
-    return _emit(node, fake_mode, [(functional, (None, *node.args[1:]), dict(node.kwargs))])
+            or len(x.users) != 1 or not _fresh(x) or any(isinstance(v, fx.Node) for v in node.kwargs.values())):
+        return None
+    return functional
 
 
 def _fresh(node: fx.Node) -> bool:
-    """The node makes a new tensor (an op whose result aliases no input)."""
-    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-            and not node.target._schema.is_mutable and all(r.alias_info is None for r in node.target._schema.returns))
+    """The node makes a new tensor: an op whose result aliases no input, or an in-place op this
+    module makes functional (so chains like `x.mul_(a).add_(b)` are fresh all along)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    if node.target._schema.is_mutable:
+        return _functional(node) is not None
+    return all(r.alias_info is None for r in node.target._schema.returns)
 
 
 def _static(size) -> int | None:
