@@ -29,6 +29,7 @@ rewritten graph against `run_decompositions({})` on every built-in model.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -58,13 +59,9 @@ def to_inference_ir(ep: torch.export.ExportedProgram) -> torch.export.ExportedPr
 
 def _plan(ep) -> list[tuple[fx.Node, Callable]]:
     """Every node's edit, decided before anything changes; _Retrace if any node has none."""
-    try:
-        from torch._export.utils import _collect_all_valid_cia_ops
-    except ImportError as e:  # a torch without it: let torch decide everything
-        raise _Retrace from e
     if any(s.kind.name != "USER_OUTPUT" for s in ep.graph_signature.output_specs):
         raise _Retrace  # buffer or input mutations
-    preserved = _collect_all_valid_cia_ops()
+    preserved = _preserved()
     fake_mode = torch._guards.detect_fake_mode([n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"])
     if fake_mode is None:
         raise _Retrace
@@ -84,6 +81,18 @@ def _plan(ep) -> list[tuple[fx.Node, Callable]]:
                   or target in _SYM_FUNCTIONS):
             raise _Retrace  # higher-order ops and anything else
     return edits
+
+
+@functools.cache
+def _preserved() -> frozenset:
+    """The composite ops run_decompositions({}) keeps whole (torch's own list; ~30 ms to build, so
+    once per process: an op registered later is missing from it, which only sends its graph to the
+    retrace)."""
+    try:
+        from torch._export.utils import _collect_all_valid_cia_ops
+    except ImportError as e:  # a torch without it: let torch decide everything
+        raise _Retrace from e
+    return frozenset(_collect_all_valid_cia_ops())
 
 
 def _is_composite(op: torch._ops.OpOverload) -> bool:
