@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/collective_waits.py --rounds 2 --out /tmp/waits.json  # smoke run
 
 In one launch (two gloo ranks, one torch thread each), alternating rounds of: calibration's in-situ
-loop (`meshc.calibrate.in_situ_times` after `compute_phase`: phase then all-reduce, no barrier) for
+loop before blocks (`in_situ_times` after `meshc.calibrate.compute_phase`: phase then all-reduce, no barrier) for
 an all-reduce of the forward's message, and llama-h128-l4 megatron forwards (barrier before each);
 every round runs once with each rank's threads pinned to core rank % cores (`os.sched_setaffinity`)
 and once free, in alternating order. Per rank and setting: the in-situ least and median (less the
@@ -40,11 +40,20 @@ def _pin(pinned: bool, rank: int) -> None:
         os.sched_setaffinity(int(tid), cores)
 
 
+def in_situ_times(collective, phase, inputs: tuple, calls: int) -> list[float]:
+    """Wall seconds of `calls` (phase, collective) pairs back to back on every rank, no barrier (the
+    first pair is dropped: the ranks start it together)."""
+    from meshc.calibrate import wall_times
+
+    with torch.no_grad():
+        return wall_times(lambda: (phase(*inputs), collective()), calls + 1)[1:]
+
+
 def _rank(device_mesh, rounds: int, calls: int, forwards: int) -> dict:
     import meshc
     import torch.distributed as dist
     from cost_model import KW, SIZES, build
-    from meshc.calibrate import compute_phase, in_situ_times, wall_times
+    from meshc.calibrate import compute_phase, wall_times
 
     torch.set_num_threads(1)
     rank, name = dist.get_rank(), device_mesh.get_group("tp").group_name

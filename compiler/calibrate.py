@@ -26,27 +26,30 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
   `op_costs`) → `dispatch_overhead` (a generic node) and `op_overheads`;
 * collectives on the mesh's process group (`meshc.launch`, one process per rank) exactly as the
   graphs issue them (`torch.ops._c10d_functional.*` + `wait_tensor`), 1 KB .. 16 MB, both alone
-  after a barrier and in situ — after a compute phase, without a barrier, as a forward issues them
-  (the ranks arrive apart, and gloo's threads compete with the ranks' compute for the cores). Per
-  collective a fit t = a + b·bytes (relative least squares) of the in-situ times, stored as ring
-  alpha/beta for the group size (`collective_fits`). A collective the backend lacks (gloo has no
-  reduce-scatter) is skipped: `meshc.redistribute` prices it as the backend implements it;
+  after a barrier and in situ — in runs of BLOCK_PAIRS (compute phase, collective) pairs, each run
+  after a barrier, as a forward issues them (the ranks start together, then drift apart, and gloo's
+  threads compete with the ranks' compute for the cores). Per collective a fit t = a + b·bytes
+  (relative least squares) of the in-situ times, stored as ring alpha/beta for the group size
+  (`collective_fits`). A collective the backend lacks (gloo has no reduce-scatter) is skipped:
+  `meshc.redistribute` prices it as the backend implements it;
 * point-to-point on the mesh's processes, as the pipeline runtime issues them (batch_isend_irecv):
   the time the sender spends issuing a send and the receiver posting a receive, by message size
   → `p2p_fits` (what each pipeline stage pays for the messages it emits).
 
 One statistic throughout: every figure of the preset is a least time. Kernel times are the least
 of repeated runs (the thread's CPU time with one torch thread); an in-situ collective is the least
-time of compute phase + collective less the phase's least time alone. On a shared machine other
-jobs and the scheduler only add time, so the fastest run is the machine's own speed; the preset
-predicts a forward at that speed, compared with a forward's least call (`benchmarks/cost_model.py`;
-it priced collectives by their median in-situ time before, +43% / +97% on the collective-bound
-rows). Known bias: a least is not additive — a forward's least call needs all its collectives'
-waits short at once, a loop's least only one — so collective-bound forwards are predicted low
-(`benchmarks/collective_waits.py` measures by how much). The in-situ medians and means stay in the
-raw measurements (`seconds_by_bytes_in_situ_median`, `_mean`); the mean is additive, and
-`benchmarks/cost_model.py` also prices each forward's mean with it. Every rank uses rank 0's
-figures, so all ranks plan alike.
+over runs of BLOCK_PAIRS pairs of a run's mean pair time, less the compute phase's least time alone.
+On a shared machine other jobs and the scheduler only add time, so the fastest run is the machine's
+own speed; the preset predicts a forward at that speed, compared with a forward's least call
+(`benchmarks/cost_model.py`). Why runs: a least is not additive — a forward's least call needs all
+its collectives' waits short at once, a single pair's least only one. Priced by the least single
+pair, a forward of 8 all-reduces came out 33-35% below its least call; by the least run of 8, -0% /
++1% (`benchmarks/collective_waits.py`); by the median pair, +43% / +97%. A forward issuing many more
+collectives than BLOCK_PAIRS is priced somewhat low (its least call approaches the mean as the
+count grows), one issuing a few somewhat high. The single-pair least, the medians and the means
+stay in the raw measurements (`seconds_by_bytes_in_situ_single`, `_median`, `_mean`); the mean is
+additive, and `benchmarks/cost_model.py` also prices each forward's mean with it. Every rank uses
+rank 0's figures, so all ranks plan alike.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ MIX_BLOCKS = 16
 #: message sizes (bytes as cost_model.collective_time counts them) for the collectives
 MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
 #: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
+#: (phase, collective) pairs per in-situ block: about as many collectives as a small decoder's forward
+#: issues (two per layer on a tp mesh: 8 for a 4-layer Llama); a forward's least call is the least over
+#: runs of its collectives, so the in-situ price is the least over runs of this many
+BLOCK_PAIRS = 8
 ROUNDS = {"all_reduce": 2, "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1, "all_to_all_single": 1}
 
 
@@ -326,22 +333,32 @@ def wall_times(fn: Callable[[], object], calls: int) -> list[float]:
     return out
 
 
-def in_situ_times(collective: Callable[[], object], phase: fx.GraphModule, inputs: tuple, calls: int) -> list[float]:
-    """Wall seconds of `calls` (phase, collective) pairs back to back on every rank, no barrier, as a
-    forward issues its collectives (the first pair is dropped: the ranks start it together). Less
-    the phase's own time, a pair is what the collective costs in situ."""
+def in_situ_blocks(collective: Callable[[], object], phase: fx.GraphModule, inputs: tuple, blocks: int,
+                   group) -> list[list[float]]:
+    """Wall seconds of each (phase, collective) pair in `blocks` runs of BLOCK_PAIRS pairs, each run
+    after a barrier on `group` — as a forward issues its collectives: the ranks start it together,
+    then drift apart over its phases."""
+    import torch.distributed as dist
+
+    out = []
     with torch.no_grad():
-        return wall_times(lambda: (phase(*inputs), collective()), calls + 1)[1:]
+        for _ in range(blocks):
+            dist.barrier(group)
+            out.append(wall_times(lambda: (phase(*inputs), collective()), BLOCK_PAIRS))
+    return out
 
 
 def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """On every rank, per collective issued as the compiled graphs issue them (`_c10d_functional` +
     `wait_tensor`), [(bytes, seconds)] per message size: "alone" — the least time after a barrier
-    (both ranks arrive together); "in_situ" — between compute phases (`in_situ_times` after
-    `compute_phase`), the least time of phase + collective less the phase's least time alone: what a
-    forward pays at the machine's own speed, the wait for the other rank's arrival and gloo's
-    thread hand-offs included; "in_situ_median", "in_situ_mean" — the same with medians and means
-    (kept in the raw measurements: `benchmarks/cost_model.py` prices a forward's mean with the means)."""
+    (both ranks arrive together); "in_situ" — between compute phases (`in_situ_blocks` after
+    `compute_phase`), the least over blocks of a block's mean pair time, less the phase's least time
+    alone: what a forward's least call pays per collective at the machine's own speed, the waits for
+    the other rank's arrival and gloo's thread hand-offs included; "in_situ_single" — the least single
+    pair less the phase's least (the figure before blocks: a least is not additive, a forward's least
+    call needs all its waits short at once); "in_situ_median", "in_situ_mean" — the medians and means
+    of all pairs (kept in the raw measurements: `benchmarks/cost_model.py` prices a forward's mean
+    with the means)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -361,15 +378,15 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
         dist.barrier(group)
         phase_s = wall_times(lambda: phase(*inputs), 200)  # both ranks computing, as in a forward
     phase_least, phase_median, phase_mean = min(phase_s), statistics.median(phase_s), statistics.mean(phase_s)
-    out: dict[str, dict[str, list[tuple[float, float]]]] = {how: {} for how in ("alone", "in_situ", "in_situ_median",
-                                                                                   "in_situ_mean")}
+    hows = ("alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean")
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {how: {} for how in hows}
     for kind, op in ops.items():
         try:
             c10d.wait_tensor.default(op(torch.zeros(64 * n)))
         except (RuntimeError, NotImplementedError):
             dist.barrier(group)
             continue  # not implemented by this backend: priced as the backend implements it
-        alone, in_situ, in_situ_median, in_situ_mean = [], [], [], []
+        rows: dict[str, list[tuple[float, float]]] = {how: [] for how in hows}
         for nbytes in MESSAGE_BYTES:
             numel = max(nbytes // 4 // n * n, n)  # the tensor collective_time's nbytes describes
             local = numel // n if kind == "all_gather_into_tensor" else numel
@@ -379,23 +396,26 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
             for _ in range(calls):
                 dist.barrier(group)
                 samples.extend(wall_times(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), 1))
-            dist.barrier(group)
-            between = in_situ_times(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), phase, inputs, calls)
+            blocks = in_situ_blocks(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), phase, inputs,
+                                    max(calls // 2, 6), group)
+            pairs = [p for b in blocks for p in b]
             counted = float(local * 4 if kind in ("all_to_all_single",) else numel * 4)
-            alone.append((counted, min(samples[1:])))
-            in_situ.append((counted, max(min(between) - phase_least, 1e-9)))
-            in_situ_median.append((counted, max(statistics.median(between) - phase_median, 1e-9)))
-            in_situ_mean.append((counted, max(statistics.mean(between) - phase_mean, 1e-9)))
-        for how, rows in (("alone", alone), ("in_situ", in_situ), ("in_situ_median", in_situ_median),
-                          ("in_situ_mean", in_situ_mean)):
-            out[how][kind] = rows
+            for how, seconds in (("alone", min(samples[1:])),
+                                 ("in_situ", min(statistics.mean(b) for b in blocks) - phase_least),
+                                 ("in_situ_single", min(pairs) - phase_least),
+                                 ("in_situ_median", statistics.median(pairs) - phase_median),
+                                 ("in_situ_mean", statistics.mean(pairs) - phase_mean)):
+                rows[how].append((counted, max(seconds, 1e-9)))
+        for how in hows:
+            out[how][kind] = rows[how]
     return out
 
 
 def measure_collectives(mesh: Any, iters: int = 12, timeout: float = 300.0) -> tuple[int, dict]:
-    """(group size, {"alone" | "in_situ" | "in_situ_median" | "in_situ_mean": {collective: [(bytes, s), ...]}})
-    on the mesh's tensor-parallel (else first) dim, the slowest rank's time per size (a collective
-    ends when its last rank does)."""
+    """(group size, {how: {collective: [(bytes, s), ...]}}) with how as `_collectives_rank` measures
+    ("alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean") on the mesh's
+    tensor-parallel (else first) dim, the slowest rank's time per size (a collective ends when its
+    last rank does)."""
     from meshc.mesh import MeshSpec
     from meshc.runtime.launch import launch
 
@@ -511,9 +531,9 @@ SOURCES = {
     "op_rates": "meshc calibrate: least time of each op on ~1 MB operands less its tight-loop fixed cost, per element",
     "op_overheads": "meshc calibrate: each op's tight-loop time on tiny inputs plus the graph's own cost per "
                     "node (op_costs)",
-    "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group after a "
-                       "compute phase (least, the phase's least taken off), relative least-squares "
-                       "t = a + b*bytes, as ring alpha/beta",
+    "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, each "
+                       f"after a compute phase, in runs of {BLOCK_PAIRS} after a barrier (least run's mean pair "
+                       "time, the phase's least taken off), relative least-squares t = a + b*bytes, as ring alpha/beta",
     "p2p_fits": "meshc calibrate: least time rank 0 spends issuing a send (batch_isend_irecv of one isend) and rank "
                 "1 posting its receive, by message size, relative least-squares t = a + b*bytes",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",
@@ -550,6 +570,6 @@ def summary(preset: DevicePreset) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_times", "measure_collectives", "measure_dispatch",
+__all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_blocks", "measure_collectives", "measure_dispatch",
            "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "ring_fits",
            "summary", "wall_times", "write_preset"]

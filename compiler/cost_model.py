@@ -20,12 +20,10 @@ speedup prediction. Entry points:
 - `value_bytes(node)`, `tensor_bytes(value)`: bytes of the tensors a node produces, or a meta value holds.
 - `node_flops_and_bytes(node)`, `node_time(node, preset)`: cost of one ATen FX node, read from the
   FakeTensors in `node.meta["val"]` (symbolic sizes are costed at their hint).
-- `calibrate_cpu(seconds)`: a quick peak/bandwidth measurement (the full calibration, with the
-  matmul curve, dispatch and collectives, is `meshc.calibrate` / `meshc calibrate`).
+- Calibration (measuring this machine into a preset file) is `meshc.calibrate` / `meshc calibrate`.
 
 Everything here is arithmetic on numbers and metadata. It must never create, use or query process
-groups or run models, with one exception: `calibrate_cpu` times small kernels, and collectives
-on the default process group when one is already initialized (it never creates one).
+groups or run models.
 """
 
 from __future__ import annotations
@@ -33,9 +31,8 @@ from __future__ import annotations
 import difflib
 import math
 import operator
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -368,66 +365,3 @@ def node_time(node: fx.Node, preset: DevicePreset | str) -> float:
     return max(flops / p.peak_flops, memory)
 
 
-def _best_time(fn: Callable[[], object], budget: float) -> float:
-    """Fastest of repeated calls of fn within `budget` seconds (at least 3 calls after a warm-up)."""
-    fn()
-    best, calls, start = math.inf, 0, time.perf_counter()
-    while calls < 3 or time.perf_counter() - start < budget:
-        t0 = time.perf_counter()
-        fn()
-        best, calls = min(best, time.perf_counter() - t0), calls + 1
-    return max(best, 1e-9)
-
-
-def _fit_collectives(base: DevicePreset) -> tuple[float, float]:
-    """(alpha, beta) fitted from all_reduce of 1 KB and 4 MB on the default process group."""
-    import torch.distributed as dist
-
-    n = dist.get_world_size()
-    if n == 1:
-        return base.intra_alpha, base.intra_beta
-    times = []
-    for numel in (256, 1 << 20):  # 1 KB and 4 MB of float32
-        buf = torch.zeros(numel)
-        samples = []
-        for i in range(8):  # a fixed count: every rank must issue the same collectives
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(buf)
-            if i >= 2:
-                samples.append(time.perf_counter() - t0)
-        times.append(min(samples))  # the least disturbed run: the other job on a CPU only adds time
-    (t_small, t_large), (b_small, b_large) = times, (256 * 4, (1 << 20) * 4)
-    ring = 2 * (n - 1) / n  # all_reduce_time = ring * nbytes * beta + 2(n-1) * alpha
-    beta = max((t_large - t_small) / (ring * (b_large - b_small)), 1e-15)
-    alpha = max((t_small - ring * b_small * beta) / (2 * (n - 1)), 1e-9)
-    return alpha, beta
-
-
-def calibrate_cpu(seconds: float = 2.0) -> DevicePreset:
-    """Measure this CPU and return a preset named "cpu-calibrated".
-
-    peak_flops from a 512x512 float32 matmul, mem_bandwidth from copying a 32 MB tensor (read +
-    write). Collectives are calibrated only when torch.distributed already has a default gloo process
-    group: then a few all_reduce of 1 KB and 4 MB fit alpha and beta (for both links), and every
-    rank takes rank 0's figures so that all ranks plan alike. Without a process group alpha and
-    beta stay those of "cpu-gloo". Call it on every rank or on none.
-    """
-    import torch.distributed as dist
-
-    base, budget = PRESETS["cpu-gloo"], max(seconds, 0.0) / 2
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    with torch.no_grad():
-        peak = 2 * 512**3 / _best_time(lambda: torch.mm(a, b), budget)
-        src = torch.randn(8 << 20)  # 32 MB of float32
-        dst = torch.empty_like(src)
-        bandwidth = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), budget)
-    figures = dict(peak_flops=peak, mem_bandwidth=bandwidth)
-    if dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend()):
-        alpha, beta = _fit_collectives(base)
-        agreed = torch.tensor([peak, bandwidth, alpha, beta], dtype=torch.float64)
-        dist.broadcast(agreed, src=0)
-        peak, bandwidth, alpha, beta = agreed.tolist()
-        figures = dict(peak_flops=peak, mem_bandwidth=bandwidth, intra_alpha=alpha, intra_beta=beta,
-                       inter_alpha=alpha, inter_beta=beta)
-    return replace(base, name="cpu-calibrated", **figures)

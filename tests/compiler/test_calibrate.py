@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import meshc
@@ -165,7 +166,7 @@ def test_node_time_uses_the_measured_attention_curve_and_op_rates():
     base = cm.DevicePreset("t", 1e12, 1e12, 0, 0, 0, 0, 1, matmul_curve=((1.0, 1e11),))
     flops, _ = cm.node_flops_and_bytes(sdpa)
     assert cm.node_time(sdpa, base) == pytest.approx(flops / 1e11)  # no attention curve: the matmul rate
-    measured = cm.replace(base, sdpa_curve=((1.0, 1e9),), op_rates=(("aten.silu.default", 1e-9),))
+    measured = replace(base, sdpa_curve=((1.0, 1e9),), op_rates=(("aten.silu.default", 1e-9),))
     assert cm.node_time(sdpa, measured) == pytest.approx(flops / 1e9)
     assert cm.node_time(silu, base) == pytest.approx(4096 * 8 / 1e12)  # roofline: bytes / bandwidth
     assert cm.node_time(silu, measured) == pytest.approx(4096 * 1e-9)  # slower per element than the roofline
@@ -180,7 +181,7 @@ def test_stage_times_price_the_messages_each_stage_emits(mlp):
     program = meshc.capture(mlp.model, mlp.example_inputs, dynamic_shapes="auto", mesh=spec)
     program = meshc.PassManager(resolved.pipeline).run(program)
     base = cm.DevicePreset("t", 1e9, 1e9, 0, 0, 0, 0, 1, dispatch_overhead=1e-6)
-    measured = cm.replace(base, p2p_fits=(("send", 3e-5, 1e-9), ("recv", 1e-5, 0.0)))
+    measured = replace(base, p2p_fits=(("send", 3e-5, 1e-9), ("recv", 1e-5, 0.0)))
     plain, priced = stage_times(program, base), stage_times(program, measured)
     first, last = program.split.stages
     sent = [cm.size_hint(s) for s in first.send[0].val.shape]
@@ -238,3 +239,45 @@ def test_p2p_issue_costs_are_measured_on_the_mesh():
     for kind in rows:
         assert [b for b, _ in rows[kind]] == [float(b) for b in cal.MESSAGE_BYTES]
         assert all(0 < t < 1 for _, t in rows[kind])
+
+
+def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
+    """On a one-rank gloo group, with the wall clock replaced: the compute phase takes 1 s; in every
+    run of BLOCK_PAIRS pairs, seven take 1.5 s and one 1.0 s + 10 ms x the run's number. The priced
+    figure is the least run's mean pair less the phase, (7 x 0.5 + 0.01) / 8 — not the least single
+    pair's 10 ms (the figure before runs, kept as in_situ_single)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(cal, "MESSAGE_BYTES", (1 << 10, 1 << 14))
+    runs = []
+
+    def wall_times(fn, n):
+        for _ in range(n):
+            fn()
+        if n != cal.BLOCK_PAIRS:
+            return [1.0] * n  # the phase alone (and the collectives after a barrier)
+        runs.append(None)
+        return [1.5] * (n - 1) + [1.0 + 0.01 * len(runs)]
+
+    monkeypatch.setattr(cal, "wall_times", wall_times)
+
+    class OneDimMesh:
+        def get_group(self, dim):
+            assert dim == "tp"
+            return dist.group.WORLD
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        out = cal._collectives_rank(OneDimMesh(), "tp", 2)
+    finally:
+        dist.destroy_process_group()
+    assert set(out) == {"alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean"}
+    assert {"all_reduce", "all_gather_into_tensor"} <= set(out["in_situ"])
+    first = {}
+    for kind, rows in out["in_situ"].items():
+        assert [b for b, _ in rows] == [1024.0, 16384.0]
+        first[kind] = [t for _, t in out["in_situ_single"][kind]]
+        for (_, run), single in zip(rows, first[kind]):
+            assert run == pytest.approx((7 * 0.5 + single) / 8)  # the first run of each size: the least
+            assert 0.0 < single < 0.5
+    assert len(runs) >= 6 * 2 * len(out["in_situ"])  # >= 6 runs per size and collective

@@ -1,4 +1,3 @@
-import math
 
 import meshc
 import pytest
@@ -113,24 +112,3 @@ def test_presets_are_positive_and_frozen():
         assert min(p.peak_flops, p.mem_bandwidth, p.intra_alpha, p.intra_beta, p.inter_alpha, p.inter_beta) > 0
     with pytest.raises(AttributeError):
         H100.peak_flops = 1.0
-
-
-def test_calibrate_cpu_returns_positive_finite_figures():
-    p = cm.calibrate_cpu(seconds=0.3)
-    assert p.name == "cpu-calibrated"
-    for value in (p.peak_flops, p.mem_bandwidth, p.intra_alpha, p.intra_beta, p.inter_alpha, p.inter_beta):
-        assert value > 0 and math.isfinite(value)
-    assert 1e8 < p.peak_flops < 1e14  # between 0.1 GFLOP/s and 100 TFLOP/s: a CPU
-    assert p.link() == cm.PRESETS["cpu-gloo"].link()  # no process group: links are not measured
-
-
-def test_calibrate_cpu_on_a_one_rank_gloo_group_keeps_the_preset_links():
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        p = cm.calibrate_cpu(seconds=0.1)
-    finally:
-        dist.destroy_process_group()
-    assert p.link() == cm.PRESETS["cpu-gloo"].link() and p.peak_flops > 0
