@@ -171,7 +171,21 @@ class Program:
             )
         for node, value in zip(self.placeholders("user"), flat):
             _check_input(node, value)
+            self._check_split(node, value)
         return flat
+
+    def _check_split(self, node: fx.Node, value: Any) -> None:
+        """An input this rank's graph splits over a mesh dim (a batch over dp: the plan's placement of
+        the input) must divide evenly. A held input (the KV cache) comes as this rank's block already."""
+        for_input = getattr(self.plan, "for_input", None)  # a meshc.plan.Plan once spmd_partition ran
+        if for_input is None or "meshc_held" in node.meta:
+            return
+        for dim_name, n, p in zip(self.mesh.names, self.mesh.sizes, for_input(node.meta["meshc_name"])):
+            d = getattr(p, "dim", None)
+            if isinstance(d, int) and isinstance(value, torch.Tensor) and value.shape[d] % n:
+                raise InputError(f"input {node.meta['meshc_name']}: dim {d} of size {value.shape[d]} is split over "
+                                 f"mesh dim '{dim_name}'={n} (mesh '{self.mesh}'), which does not divide it; pass a "
+                                 f"size that is a multiple of {n}")
 
     def _normalize_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         ex_args, ex_kwargs = self.example_inputs

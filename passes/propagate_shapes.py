@@ -22,11 +22,17 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
-def fake_values(program: Program) -> dict[str, Any]:
-    """Run the graph on fake tensors; returns node name -> value. Errors name the failing node."""
+def fake_values(program: Program, unchanged: dict[fx.Node, tuple[Any, dict[str, Any]]] | None = None
+                ) -> dict[str, Any]:
+    """Run the graph on fake tensors; returns node name -> value. Errors name the failing node.
+
+    unchanged: node -> (its value before a rewrite, {name of a node it reads: the value it read
+    then}). Such a node is not run again when every node it reads has a value like the one it read
+    (dtype, device, sizes, strides; equal numbers): an op's fake value depends on nothing else
+    (spmd_partition: most nodes a rank computes at their global shape, from global-shape inputs)."""
     inputs = [n.meta.get("val") for n in program.placeholders()]
     mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    prop = _Recorder(program.gm, mode)
+    prop = _Recorder(program.gm, mode, unchanged or {})
     try:
         with enable_python_dispatcher():
             prop.propagate_dont_convert_inputs(*inputs)
@@ -35,15 +41,35 @@ def fake_values(program: Program) -> dict[str, Any]:
     return prop.values
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two fake values are alike for any op that reads them: tensors of the same dtype,
+    device, sizes, strides, offset and requires_grad (symbolic sizes as written); equal numbers."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return (a.dtype == b.dtype and a.device == b.device and a.requires_grad == b.requires_grad
+                and str(a.shape) == str(b.shape) and str(a.stride()) == str(b.stride())
+                and str(a.storage_offset()) == str(b.storage_offset()))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a is None or b is None:
+        return False
+    return type(a) is type(b) and str(a) == str(b)
+
+
 class _Recorder(FakeTensorProp):
-    def __init__(self, gm: fx.GraphModule, mode):
+    def __init__(self, gm: fx.GraphModule, mode, unchanged: dict[fx.Node, tuple[Any, dict[str, Any]]]):
         super().__init__(gm, mode)
         self.values: dict[str, Any] = {}
         self.current: fx.Node | None = None
+        self.unchanged = unchanged
 
     def run_node(self, n):
         self.current = n
-        out = fx.Interpreter.run_node(self, n)  # FakeTensorProp's own run_node writes meta["val"]
+        before = self.unchanged.get(n) if n.op == "call_function" else None
+        if before is not None and all(a.name in before[1] and same_value(self.env[a], before[1][a.name])
+                                      for a in n.all_input_nodes):
+            out = before[0]
+        else:
+            out = fx.Interpreter.run_node(self, n)  # FakeTensorProp's own run_node writes meta["val"]
         self.values[n.name] = out
         return out
 

@@ -267,6 +267,7 @@ class _Emitter:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, fx.Node] = {}
         self.cache: dict[tuple, fx.Node] = {}
+        self.local_sizes: dict[fx.Node, tuple[fx.Node, int]] = {}  # global size node -> (local size, factor)
         self.meta_from: fx.Node | None = None
 
     def emit(self) -> fx.Graph:
@@ -279,7 +280,7 @@ class _Emitter:
                 if (node.meta["meshc_input"] == "user" and "meshc_held" not in node.meta
                         and isinstance(node.meta.get("val"), torch.Tensor)):
                     held = tuple(Replicate() for _ in self.mesh.names)  # callers pass full inputs
-                    self.env[node] = self._redistribute(new, held, self.placements[node])
+                    self.env[node] = self._redistribute(new, held, self.placements[node], val=node.meta["val"])
             elif node.op == "output":
                 outs = pytree.tree_map_only(fx.Node, lambda a, node=node: self._input(node, a), node.args[0])
                 self.graph.output(outs)
@@ -294,7 +295,8 @@ class _Emitter:
             return self.env[a]
         key = (a, tuple(describe(p) for p in need))
         if key not in self.cache:
-            self.cache[key] = self._redistribute(self.env[a], self.placements[a], need, early=True)
+            self.cache[key] = self._redistribute(self.env[a], self.placements[a], need, early=True,
+                                                 val=a.meta.get("val"))
         return self.cache[key]
 
     def _emit_compute(self, node: fx.Node) -> fx.Node:
@@ -307,7 +309,16 @@ class _Emitter:
             target = aten.reshape.default  # a local chunk may not be viewable where the global tensor was
         new = self.graph.call_function(target, tuple(args), kwargs)
         new.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        self._keep_global_val(node, new)
         return new
+
+    def _keep_global_val(self, node: fx.Node, new: fx.Node) -> None:
+        """Where this rank computes `node` at its global shape (its output not sharded; a view emitted
+        as a reshape gives the same view), record its global value and the values it read, by the
+        names of the nodes `new` reads instead."""
+        if "val" in node.meta and not _sharded(self.placements.get(node)):
+            read = {self._input(node, a).name: a.meta.get("val") for a in node.all_input_nodes}
+            new.meta[_GLOBAL_VAL] = (node.meta["val"], read)
 
     def _localize_args(self, node: fx.Node, args: list) -> list:
         """Size arguments that refer to sharded dims become local sizes."""
@@ -327,6 +338,9 @@ class _Emitter:
 
     def _div(self, size: Any, n: int) -> Any:
         if isinstance(size, fx.Node):
+            local, factor = self.local_sizes.get(size, (None, 0))
+            if factor == n:  # a global size this graph made as local x n: the local size itself
+                return local
             return self._call(operator.floordiv, size, n)
         return size // n
 
@@ -337,7 +351,12 @@ class _Emitter:
         for p, n in zip(pls or (), self.mesh.sizes):
             if isinstance(p, Shard) and p.dim == dim:
                 factor *= n
-        return self._call(operator.mul, local, factor) if factor > 1 else local
+        if factor > 1:
+            size = self._call(operator.mul, local, factor)
+            self.local_sizes[size] = (local, factor)
+            return size
+        self._keep_global_val(node, local)
+        return local
 
     def _call(self, target, *args) -> fx.Node:
         new = self.graph.call_function(target, args)
@@ -348,13 +367,14 @@ class _Emitter:
         return new
 
     # -- collectives --
-    def _redistribute(self, x: fx.Node, have: tuple, want: tuple, early: bool = False) -> fx.Node:
-        """Emit the steps of the one redistribution table (`meshc.redistribute`), dim 0 first."""
+    def _redistribute(self, x: fx.Node, have: tuple, want: tuple, early: bool = False, val: Any = None) -> fx.Node:
+        """Emit the steps of the one redistribution table (`meshc.redistribute`), dim 0 first; `val`:
+        the global value `x` stands for (which of its sizes are symbolic)."""
         for i, (h, w) in enumerate(zip(have, want)):
             group, n, r = self.mesh.group_name(i), self.mesh.sizes[i], self.coords[i]
             for step in steps(h, w):
                 if step.op == "chunk":
-                    x = self._chunk(x, step.want, n, r)
+                    x = self._chunk(x, step.want, n, r, val)
                 elif step.op == "all_reduce":
                     x = self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_reduce.default, "sum",
                                                                           group))
@@ -407,7 +427,17 @@ class _Emitter:
         parts = self._call(aten.chunk.default, gathered, n, 0)
         return self._call(aten.cat.default, [self._call(operator.getitem, parts, r) for r in range(n)], dim)
 
-    def _chunk(self, x: fx.Node, w: Placement, n: int, r: int) -> fx.Node:
+    def _chunk(self, x: fx.Node, w: Placement, n: int, r: int, val: Any = None) -> fx.Node:
+        """This rank's block r of n along w's dim. A symbolic size (a dynamic batch over dp; it must
+        divide, `Program.bind_inputs`) is cut with narrow, every rank's block (size + n - 1) // n
+        long as chunk's first is: chunk's last block, size - (size + n - 1) // n, is an expression
+        later shapes carry (GPT-2's last dp rank took 15 s to propagate its fake values, not 0.4)."""
+        if not isinstance(w, InterleavedShard) and isinstance(val, torch.Tensor) \
+                and isinstance(val.shape[w.dim], torch.SymInt):
+            size = self._call(aten.sym_size.int, x, w.dim)
+            piece = self._call(operator.floordiv, self._call(operator.add, size, n - 1), n)
+            start = self._call(operator.mul, piece, r)  # on every rank: the ranks' graphs differ in r only
+            return self._call(aten.narrow.default, x, w.dim, start, piece)
         if isinstance(w, InterleavedShard):
             blocks = self._call(aten.chunk.default, x, w.groups, w.dim)
             mine = [self._call(operator.getitem, self._call(aten.chunk.default,
@@ -459,8 +489,25 @@ def _localize_state(program: Program) -> None:
         program.state[node.name] = local[id(full)]
 
 
+#: meta key, during emission only: (the value a node had in the global graph, {name of a node the rank's
+#: copy reads: the value the global node read}), where the rank computes it at its global shape (not
+#: sharded; Partial included). `_refresh_local_vals` reuses the value where the inputs are alike
+#: (`propagate_shapes.fake_values`), and removes the key.
+_GLOBAL_VAL = "meshc_global_val"
+
+
+def _sharded(placements: Any) -> bool:
+    """Whether a node's output placements (a tuple per mesh dim; a list of them for several outputs) shard it."""
+    if isinstance(placements, list):
+        return any(_sharded(p) for p in placements)
+    return placements is None or any(isinstance(p, Shard) for p in placements)
+
+
 def _refresh_local_vals(program: Program) -> None:
-    """Placeholders of state get local fake values; every other node's val is recomputed."""
+    """Placeholders of state get local fake values; every other node's val is recomputed, except
+    where the rank computes the global value (`_GLOBAL_VAL`) from inputs like the global ones: reused
+    (a fake tensor with symbolic sizes costs ~1 ms to make, and a tp rank's residual stream, norms
+    and replicated layers keep their global values)."""
     from meshc.passes.propagate_shapes import fake_values
 
     vals = [n.meta.get("val") for n in program.placeholders()]
@@ -474,7 +521,8 @@ def _refresh_local_vals(program: Program) -> None:
         if list(shape) != list(val.shape):
             with mode:
                 node.meta["val"] = torch.empty(shape, dtype=val.dtype)
-    values = fake_values(program)
+    unchanged = {n: n.meta.pop(_GLOBAL_VAL) for n in program.graph.nodes if _GLOBAL_VAL in n.meta}
+    values = fake_values(program, unchanged)
     for node in program.graph.nodes:
         if node.op not in ("placeholder", "output") and node.name in values:
             node.meta["val"] = values[node.name]

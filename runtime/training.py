@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from meshc.backends import lower
-from meshc.errors import InputError, MeshcError
+from meshc.errors import MeshcError
 from meshc.mesh import DP
 from meshc.placement import Replicate
 from meshc.redistribute import c10d, flat_block, flat_shard, pad_flat
@@ -190,23 +190,13 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------------
     def train_step(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None) -> torch.Tensor:
         args = inputs if isinstance(inputs, tuple) else (inputs,)
-        flat = self.program.bind_inputs(args, kwargs or {})
-        self._check_batch(flat)
+        flat = self.program.bind_inputs(args, kwargs or {})  # checks a batch dp splits divides
         run = self._lowered(self._step_program(flat, target, loss_fn))
         with torch.no_grad():  # the graph holds the backward: no autograd around it
             loss, *grads = run([*flat, *torch.utils._pytree.tree_leaves(target)])
         for s, g in zip(self.slots, grads):
             s.leaf.grad = g if s.leaf.grad is None else s.leaf.grad + g
         return loss
-
-    def _check_batch(self, flat: list) -> None:
-        """dp splits dim 0 of every batched tensor input (`meshc.plan`): it must divide."""
-        for node, t in zip(self.program.placeholders("user"), flat):
-            if (self.dp > 1 and isinstance(t, torch.Tensor) and t.dim() > 0 and not node.meta.get("meshc_unbatched")
-                    and t.shape[0] % self.dp):
-                raise InputError(f"input {node.meta['meshc_name']}: batch of {t.shape[0]} does not divide over the "
-                                 f"mesh's data-parallel size {self.dp} (mesh '{self.program.mesh}'), which splits it; "
-                                 f"pass a batch (and, accumulating, every micro-batch) that is a multiple of {self.dp}")
 
     def training_program(self, inputs: Any, target: Any, loss_fn, kwargs: dict | None = None):
         """The training-step Program train_step runs for inputs and a target of these shapes."""

@@ -28,6 +28,33 @@ def test_megatron_plan_issues_two_all_reduces_per_layer(model, mesh, request):
     assert counts == ({"all_gather_into_tensor@dp": 1} if "dp" in mesh else {})
 
 
+@pytest.mark.parametrize("model, mesh, rank", [("llama", "dp=2,tp=2", 1), ("gpt2", "tp=4", 3)])
+def test_each_rank_value_is_what_the_rank_graph_computes(model, mesh, rank, request):
+    """The values spmd_partition records (reused from the global graph where a node keeps its global
+    shape, computed again elsewhere) are those of a full fake propagation of the rank's graph:
+    dtype, sizes, strides (at their hints) — GPT-2's fused q|k|v included."""
+    from meshc.cost_model import size_hint
+    from meshc.passes.propagate_shapes import fake_values
+
+    program = partition(request.getfixturevalue(model), mesh, rank=rank)
+    fresh = fake_values(program)
+    checked = 0
+    for node in program.graph.nodes:
+        val, want = node.meta.get("val"), fresh.get(node.name)
+        if node.op in ("placeholder", "output"):
+            continue
+        if isinstance(val, (int, torch.SymInt)):  # a size (torch may have specialized it since: an int)
+            assert size_hint(val) == size_hint(want), node.name
+            continue
+        assert type(val) is type(want), node.name
+        if isinstance(val, torch.Tensor):
+            assert val.dtype == want.dtype, node.name
+            assert [size_hint(s) for s in val.shape] == [size_hint(s) for s in want.shape], node.name
+            assert [size_hint(s) for s in val.stride()] == [size_hint(s) for s in want.stride()], node.name
+            checked += 1
+    assert checked > 100
+
+
 def test_megatron_plan_is_found_from_the_graph(llama, gpt2):
     plan = partition(llama, "tp=2").plan
     layer = "model.layers.1."
@@ -122,3 +149,14 @@ def test_checkpoint_reader_reads_the_same_slices(tmp_path):
             for r in range(2):
                 got = _read_local(h.get_slice("w"), node, (r,), (2,))
                 assert torch.equal(got, local_shard(w, pls, (r,), (2,))), (pls, r)
+
+
+def test_a_batch_dp_does_not_divide_is_an_input_error_naming_the_mesh(llama):
+    from meshc.errors import InputError
+
+    program = partition(llama, "dp=2,tp=2", rank=3)
+    ids = llama.example_inputs[0]
+    program.bind_inputs((ids[:2],), dict(llama.example_kwargs or {}))  # 2 divides over dp=2
+    with pytest.raises(InputError, match=r"dim 0 of size 3 is split over mesh dim 'dp'=2 \(mesh 'dp=2,tp=2'\), "
+                                         r"which does not divide it; pass a size that is a multiple of 2"):
+        program.bind_inputs((torch.cat([ids, ids])[:3],), dict(llama.example_kwargs or {}))
