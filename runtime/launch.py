@@ -11,8 +11,9 @@ Spawned ranks re-import the user's script; one that finds `launch` at its top le
 `if __name__ == "__main__":`) stops at once, and the error says so.
 
 Ranks start from multiprocessing's forkserver, which has imported torch, meshc and (when installed)
-transformers once: a 2-rank launch after the first costs about 0.6 s instead of about 4 s of
-imports per rank on a 2-core CPU. The server also makes one tiny capture on 'meta'
+transformers, with the modelling base every Hugging Face model imports (`transformers.modeling_utils`,
+~0.7 s), once: a 2-rank launch after the first costs about 0.6 s instead of about 4 s of imports per
+rank on a 2-core CPU. The server also makes one tiny capture on 'meta'
 (`meshc.capture_warmup`), so no rank pays torch.export's first-call set-up (about 1.5 s each).
 Each rank gets this process's environment as it is at the launch
 (not the server's), set before anything of the job is unpickled. `MESHC_START_METHOD=spawn` starts
@@ -106,7 +107,7 @@ def _start_context():
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload([m for m in ("torch", "torch.distributed", "meshc", "transformers",
-                                                "meshc.capture_warmup")
+                                                "transformers.modeling_utils", "meshc.capture_warmup")
                                     if importlib.util.find_spec(m.split(".")[0]) is not None])
     return ctx
 

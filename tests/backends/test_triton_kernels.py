@@ -1,7 +1,8 @@
 """Every kind of kernel the Triton backend generates, against eager, on CPU (Triton interpreter).
 
 Shapes are small, and include non-power-of-two sizes, masked tails, broadcasting (stride 0) and
-transposed inputs. fp32 within rtol=1e-5, atol=1e-5 everywhere.
+transposed inputs. fp32 within rtol=1e-5, atol=1e-5 everywhere but the chain of three matmuls
+(rtol=1e-4: its summation-order bound).
 """
 
 import pytest
@@ -134,7 +135,9 @@ class SwiGLU(torch.nn.Module):
 
 @pytest.mark.timeout(120)
 def test_matmul_epilogues_swiglu_and_residual():
-    lowered = check(SwiGLU(), randn(2, 9, 37))
+    # three chained fp32 matmuls with N(0, 1) weights (values up to ~50): summation order alone moves a
+    # value by ~K * 2^-24 * 50 ~ 1e-4 (eager's BLAS picks its order by thread count: 6e-5 was seen once)
+    lowered = check(SwiGLU(), randn(2, 9, 37), rtol=1e-4)
     names = [k.name for k in lowered.kernels]
     assert [k.kind for k in lowered.kernels] == ["matmul"] * 3, names
     assert any("silu_mul" in n for n in names) and any(n.startswith("triton_mm_add") for n in names), names
