@@ -397,7 +397,7 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
                 dist.barrier(group)
                 samples.extend(wall_times(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), 1))
             blocks = in_situ_blocks(lambda op=op, t=t: c10d.wait_tensor.default(op(t)), phase, inputs,
-                                    max(calls // 2, 6), group)
+                                    max(calls, 12), group)
             pairs = [p for b in blocks for p in b]
             counted = float(local * 4 if kind in ("all_to_all_single",) else numel * 4)
             for how, seconds in (("alone", min(samples[1:])),

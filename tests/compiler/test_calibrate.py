@@ -243,9 +243,9 @@ def test_p2p_issue_costs_are_measured_on_the_mesh():
 
 def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
     """On a one-rank gloo group, with the wall clock replaced: the compute phase takes 1 s; in every
-    run of BLOCK_PAIRS pairs, seven take 1.5 s and one 1.0 s + 10 ms x the run's number. The priced
-    figure is the least run's mean pair less the phase, (7 x 0.5 + 0.01) / 8 — not the least single
-    pair's 10 ms (the figure before runs, kept as in_situ_single)."""
+    run of BLOCK_PAIRS pairs, seven take 1.5 s and one 1.0 s + 1 ms x the run's number. The priced
+    figure is the least run's mean pair less the phase, (7 x 0.5 + 0.001) / 8 — not the least single
+    pair's 1 ms (the figure before runs, kept as in_situ_single)."""
     import torch.distributed as dist
 
     monkeypatch.setattr(cal, "MESSAGE_BYTES", (1 << 10, 1 << 14))
@@ -257,7 +257,7 @@ def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
         if n != cal.BLOCK_PAIRS:
             return [1.0] * n  # the phase alone (and the collectives after a barrier)
         runs.append(None)
-        return [1.5] * (n - 1) + [1.0 + 0.01 * len(runs)]
+        return [1.5] * (n - 1) + [1.0 + 0.001 * len(runs)]
 
     monkeypatch.setattr(cal, "wall_times", wall_times)
 
@@ -280,4 +280,4 @@ def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
         for (_, run), single in zip(rows, first[kind]):
             assert run == pytest.approx((7 * 0.5 + single) / 8)  # the first run of each size: the least
             assert 0.0 < single < 0.5
-    assert len(runs) >= 6 * 2 * len(out["in_situ"])  # >= 6 runs per size and collective
+    assert len(runs) >= 12 * 2 * len(out["in_situ"])  # >= 12 runs per size and collective
