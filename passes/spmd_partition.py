@@ -38,6 +38,7 @@ import torch.utils._pytree as pytree
 from meshc.collectives import count_collectives
 from meshc.cost_model import size_hint
 from meshc.errors import MeshError, NodeError, at_node
+from meshc.mesh import DP
 from meshc.passes import sharding_rules as rules
 from meshc.pipeline import register_pass
 from meshc.placement import InterleavedShard, Placement, Replicate, Shard, describe, local_shape, local_shard
@@ -369,12 +370,12 @@ class _Emitter:
     # -- collectives --
     def _redistribute(self, x: fx.Node, have: tuple, want: tuple, early: bool = False, val: Any = None) -> fx.Node:
         """Emit the steps of the one redistribution table (`meshc.redistribute`), dim 0 first; `val`:
-        the global value `x` stands for (which of its sizes are symbolic)."""
+        the global value `x` stands for (which of its sizes are symbolic: a batch dp splits)."""
         for i, (h, w) in enumerate(zip(have, want)):
             group, n, r = self.mesh.group_name(i), self.mesh.sizes[i], self.coords[i]
             for step in steps(h, w):
                 if step.op == "chunk":
-                    x = self._chunk(x, step.want, n, r, val)
+                    x = self._chunk(x, step.want, n, r, val if self.mesh.names[i] == DP else None)
                 elif step.op == "all_reduce":
                     x = self._call(c10d.wait_tensor.default, self._issue(x, early, c10d.all_reduce.default, "sum",
                                                                           group))
@@ -428,10 +429,11 @@ class _Emitter:
         return self._call(aten.cat.default, [self._call(operator.getitem, parts, r) for r in range(n)], dim)
 
     def _chunk(self, x: fx.Node, w: Placement, n: int, r: int, val: Any = None) -> fx.Node:
-        """This rank's block r of n along w's dim. A symbolic size (a dynamic batch over dp; it must
-        divide, `Program.bind_inputs`) is cut with narrow, every rank's block (size + n - 1) // n
-        long as chunk's first is: chunk's last block, size - (size + n - 1) // n, is an expression
-        later shapes carry (GPT-2's last dp rank took 15 s to propagate its fake values, not 0.4)."""
+        """This rank's block r of n along w's dim. A symbolic size split over dp (`val` given: the batch,
+        which must divide, `Program.bind_inputs`) is cut with narrow, every rank's block
+        (size + n - 1) // n long as chunk's first is: chunk's last block, size - (size + n - 1) // n,
+        is an expression later shapes carry (GPT-2's last dp rank took 15 s to propagate its fake
+        values, not 0.4). Elsewhere chunk's blocks, uneven where the size is."""
         if not isinstance(w, InterleavedShard) and isinstance(val, torch.Tensor) \
                 and isinstance(val.shape[w.dim], torch.SymInt):
             size = self._call(aten.sym_size.int, x, w.dim)
