@@ -53,10 +53,11 @@ def _rank(device_mesh, rounds: int, calls: int, forwards: int) -> dict:
     import meshc
     import torch.distributed as dist
     from cost_model import KW, SIZES, build
-    from meshc.calibrate import compute_phase, wall_times
+    from meshc.calibrate import compute_phase, in_situ_blocks, wall_times
 
     torch.set_num_threads(1)
-    rank, name = dist.get_rank(), device_mesh.get_group("tp").group_name
+    group = device_mesh.get_group("tp")
+    rank, name = dist.get_rank(), group.group_name
     c10d = torch.ops._c10d_functional
     model, ids = build(MODEL)
     compiled = meshc.compile(model, device_mesh, example_inputs=(ids,), example_kwargs=KW, plan="megatron")
@@ -83,9 +84,9 @@ def _rank(device_mesh, rounds: int, calls: int, forwards: int) -> dict:
                 c0 = time.thread_time()
                 d["in_situ"] += in_situ_times(ar, phase, inputs, calls)
                 d["in_situ_cpu"].append((time.thread_time() - c0) / (calls + 1))
-                for _ in range(calls // n_coll):  # blocks of as many pairs as a forward has, after a barrier
-                    dist.barrier()
-                    d["blocks"].append(sum(wall_times(lambda: (phase(*inputs), ar()), n_coll)) / n_coll)
+                # runs of as many pairs as a forward has collectives, each after a barrier (calibration's)
+                d["blocks"] += [statistics.mean(b) for b in in_situ_blocks(ar, phase, inputs, calls // n_coll,
+                                                                           group, pairs=n_coll)]
                 for _ in range(3):
                     compiled(ids, **KW)
                 for _ in range(forwards):

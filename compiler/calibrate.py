@@ -83,11 +83,11 @@ LARGE_NUMEL = 2 * 128 * 1024
 MIX_BLOCKS = 16
 #: message sizes (bytes as cost_model.collective_time counts them) for the collectives
 MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
-#: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
 #: (phase, collective) pairs per in-situ block: about as many collectives as a small decoder's forward
 #: issues (two per layer on a tp mesh: 8 for a 4-layer Llama); a forward's least call is the least over
 #: runs of its collectives, so the in-situ price is the least over runs of this many
 BLOCK_PAIRS = 8
+#: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
 ROUNDS = {"all_reduce": 2, "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1, "all_to_all_single": 1}
 
 
@@ -334,8 +334,8 @@ def wall_times(fn: Callable[[], object], calls: int) -> list[float]:
 
 
 def in_situ_blocks(collective: Callable[[], object], phase: fx.GraphModule, inputs: tuple, blocks: int,
-                   group) -> list[list[float]]:
-    """Wall seconds of each (phase, collective) pair in `blocks` runs of BLOCK_PAIRS pairs, each run
+                   group, pairs: int = BLOCK_PAIRS) -> list[list[float]]:
+    """Wall seconds of each (phase, collective) pair in `blocks` runs of `pairs` pairs, each run
     after a barrier on `group` — as a forward issues its collectives: the ranks start it together,
     then drift apart over its phases."""
     import torch.distributed as dist
@@ -344,7 +344,7 @@ def in_situ_blocks(collective: Callable[[], object], phase: fx.GraphModule, inpu
     with torch.no_grad():
         for _ in range(blocks):
             dist.barrier(group)
-            out.append(wall_times(lambda: (phase(*inputs), collective()), BLOCK_PAIRS))
+            out.append(wall_times(lambda: (phase(*inputs), collective()), pairs))
     return out
 
 

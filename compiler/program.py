@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from meshc.errors import InputError
 from meshc.mesh import MeshSpec
+from meshc.placement import Shard
 
 #: Every meshc node.meta key, with its meaning. Passes read and write only these (plus torch's).
 META: dict[str, str] = {
@@ -181,8 +182,8 @@ class Program:
         if for_input is None or "meshc_held" in node.meta:
             return
         for dim_name, n, p in zip(self.mesh.names, self.mesh.sizes, for_input(node.meta["meshc_name"])):
-            d = getattr(p, "dim", None)
-            if isinstance(d, int) and isinstance(value, torch.Tensor) and value.shape[d] % n:
+            if isinstance(p, Shard) and isinstance(value, torch.Tensor) and value.shape[p.dim] % n:
+                d = p.dim
                 raise InputError(f"input {node.meta['meshc_name']}: dim {d} of size {value.shape[d]} is split over "
                                  f"mesh dim '{dim_name}'={n} (mesh '{self.mesh}'), which does not divide it; pass a "
                                  f"size that is a multiple of {n}")
