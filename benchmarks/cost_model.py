@@ -10,8 +10,10 @@ copy, ATen dispatch, gloo collectives and point-to-point on tp=2) — nothing is
 and a pp=2 forward pipeline), rank 0's local Program is built without processes (the passes
 `meshc.compile` runs) and `meshc.predict` prices it with the calibrated preset; (3) the same
 configuration runs on a local gloo mesh (`meshc.launch`, one torch thread per rank) in `--rounds`
-alternating rounds over the forward configurations (default 2; the pp=2 run below: one; the first measured after
-calibration ran up to 1.5x slower, every part alike), each row from its round with the least time:
+alternating rounds over the forward configurations (default 3; the pp=2 run below: one; the first measured after
+calibration ran up to 1.5x slower, every part alike), each round at least `--iters` calls and about
+`--seconds` of them (a 2 ms forward: ~500 calls, as many as calibration's least of a kernel sees),
+each row from its round with the least time:
 forward time per rank: least and median with quartiles, the least thread CPU time of a call (what
 calibration's kernel timings count; a collective's wait is not in it), and the peak of the bytes the
 forward allocates (torch profiler memory events) plus the rank's state bytes; and the forward split
@@ -173,8 +175,24 @@ def _measure_parts(program, args: tuple, kwargs: dict, iters: int) -> dict:
     return parts
 
 
+def _calls(device_mesh, fn, iters: int, seconds: float) -> int:
+    """Calls to time: at least `iters`, and enough for about `seconds` (from three warm-up calls),
+    the same on every rank (the forward's collectives pair up): a ~2 ms forward gets ~500 calls,
+    as many as calibration's least of a kernel sees in the same time, not 30 in 60 ms, which one
+    slow stretch of this VM covers whole."""
+    warm = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t0)
+    n = torch.tensor([max(iters, int(seconds / min(warm)))])
+    if device_mesh is not None:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+    return int(n)
+
+
 def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule: str | None,
-                  microbatches: int) -> dict:
+                  microbatches: int, seconds: float) -> dict:
     import meshc
     from meshc.predict import peak_memory
 
@@ -185,9 +203,7 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
     call_ids = torch.cat([ids] * microbatches) if schedule else ids
     times, cpu, per_stage = [], [], {}
     with torch.no_grad():
-        for _ in range(3):
-            compiled(call_ids, **KW)
-        for _ in range(iters):
+        for _ in range(_calls(device_mesh, lambda: compiled(call_ids, **KW), iters, seconds)):
             if device_mesh is not None:
                 torch.distributed.barrier()
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -210,10 +226,10 @@ def _measure_rank(device_mesh, name: str, plan: str | None, iters: int, schedule
 
 
 def measure(name: str, mesh: str, plan: str | None, iters: int, schedule: str | None = None,
-            microbatches: int = 0) -> list[dict]:
+            microbatches: int = 0, seconds: float = 0.0) -> list[dict]:
     from meshc.runtime.launch import launch
 
-    return launch(_measure_rank, mesh, name, plan, iters, schedule, microbatches, timeout=600)
+    return launch(_measure_rank, mesh, name, plan, iters, schedule, microbatches, seconds, timeout=600)
 
 
 def _err(pred: float, meas: float) -> float:
@@ -226,8 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default=None, help="a `meshc calibrate` preset file (default: calibrate now)")
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--iters", type=int, default=30, help="least calls per forward configuration and round")
+    p.add_argument("--seconds", type=float, default=1.0,
+                   help="and at least this long: more calls of a fast forward (calibration's least sees as many)")
+    p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds over the configurations; a row takes its round with the least time")
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--out", default="results_cost_model_cpu.json", help="results file (in benchmarks/)")
@@ -247,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     rounds: dict = {c: [] for c in configs}  # config -> [(per-rank results, dispatch probe)] per round
     for r in range(a.rounds):  # alternating rounds: the machine's drift falls on every config alike
         for name, mesh, plan in configs:
-            ranks = measure(name, mesh, None if plan == "replicate" else plan, a.iters)
+            ranks = measure(name, mesh, None if plan == "replicate" else plan, a.iters, seconds=a.seconds)
             probe = measure_dispatch(0.5)[0]  # the machine now (not used to predict): contention drift
             rounds[(name, mesh, plan)].append((ranks, probe))
             print(f"round {r + 1}: {name} {mesh} {plan or 'one device'} least {ranks[0]['min_ms']:.2f} ms", flush=True)

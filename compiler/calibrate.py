@@ -87,6 +87,10 @@ MESSAGE_BYTES = tuple(1 << k for k in range(10, 25, 2))  # 1 KB .. 16 MB
 #: issues (two per layer on a tp mesh: 8 for a 4-layer Llama); a forward's least call is the least over
 #: runs of its collectives, so the in-situ price is the least over runs of this many
 BLOCK_PAIRS = 8
+#: op_mix blocks of the long compute phase the drift is measured after (~7 ms on a 2-core CPU, a
+#: compute-bound forward's compute between two collectives), and the all-reduce sizes it is measured at
+LONG_PHASE_BLOCKS = 128
+DRIFT_BYTES = (1 << 14, 1 << 18)
 #: collective -> ring rounds (all_reduce = reduce-scatter + all-gather)
 ROUNDS = {"all_reduce": 2, "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1, "all_to_all_single": 1}
 
@@ -323,6 +327,12 @@ def compute_phase() -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
     return op_mix(2), _mix_inputs(2)
 
 
+def long_phase() -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """(graph, inputs) of the long compute phase `_drift` compares with `compute_phase`: an op_mix of
+    LONG_PHASE_BLOCKS blocks, ~7 ms on a 2-core CPU."""
+    return op_mix(LONG_PHASE_BLOCKS), _mix_inputs(LONG_PHASE_BLOCKS)
+
+
 def wall_times(fn: Callable[[], object], calls: int) -> list[float]:
     """Wall seconds of each of `calls` back-to-back calls of fn."""
     out = []
@@ -348,6 +358,39 @@ def in_situ_blocks(collective: Callable[[], object], phase: fx.GraphModule, inpu
     return out
 
 
+def _drift(allreduce: Callable[[torch.Tensor], object], group, blocks: int,
+           phases: tuple[tuple[Callable, tuple], tuple[Callable, tuple]]) -> list[tuple[float, float]]:
+    """[(bytes, drift)] per size in DRIFT_BYTES: the seconds an in-situ all-reduce's wait grows by
+    per second of the compute phase before it — the ranks drift apart over a phase (the OS's and
+    the other rank's jitter), so the first to arrive waits longer the longer it computed. Runs of
+    BLOCK_PAIRS (phase, all-reduce) pairs after a barrier, the short and the long phase of `phases`
+    ((graph, inputs) each: `compute_phase`, `long_phase`) alternated so both see the same machine, the phase and the collective timed
+    apart (a slower phase is compute's, not the wait's): per phase, the least run's mean collective
+    time C and the median run's mean phase time P; drift = (C_long − C_short) / (P_long − P_short)."""
+    import torch.distributed as dist
+
+    rows = []
+    with torch.no_grad():
+        for nbytes in DRIFT_BYTES:
+            t = torch.randn(nbytes // 4)
+            runs: list[list[tuple[float, float]]] = [[], []]  # per phase: (mean phase, mean collective) per run
+            for _ in range(blocks):
+                for (g, x), into in zip(phases, runs):
+                    dist.barrier(group)
+                    pairs = []
+                    for _ in range(BLOCK_PAIRS):
+                        t0 = time.perf_counter()
+                        g(*x)
+                        t1 = time.perf_counter()
+                        allreduce(t)
+                        pairs.append((t1 - t0, time.perf_counter() - t1))
+                    into.append(tuple(statistics.mean(v) for v in zip(*pairs)))
+            (p_short, c_short), (p_long, c_long) = ((statistics.median(p for p, _ in r), min(c for _, c in r))
+                                                    for r in runs)
+            rows.append((float(nbytes), (c_long - c_short) / (p_long - p_short)))
+    return rows
+
+
 def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """On every rank, per collective issued as the compiled graphs issue them (`_c10d_functional` +
     `wait_tensor`), [(bytes, seconds)] per message size: "alone" — the least time after a barrier
@@ -358,7 +401,8 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
     pair less the phase's least (the figure before blocks: a least is not additive, a forward's least
     call needs all its waits short at once); "in_situ_median", "in_situ_mean" — the medians and means
     of all pairs (kept in the raw measurements: `benchmarks/cost_model.py` prices a forward's mean
-    with the means)."""
+    with the means); "drift" — {"all_reduce": `_drift`}, whose share of the short phase is taken
+    off the in-situ prices (the cost model adds drift × the compute before each collective)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -378,8 +422,12 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
         dist.barrier(group)
         phase_s = wall_times(lambda: phase(*inputs), 200)  # both ranks computing, as in a forward
     phase_least, phase_median, phase_mean = min(phase_s), statistics.median(phase_s), statistics.mean(phase_s)
+    drift = _drift(lambda t: c10d.wait_tensor.default(ops["all_reduce"](t)), group, max(2 * iters, 24),
+                   (compute_phase(), long_phase()))
+    drift_s = statistics.mean(d for _, d in drift) * phase_least  # the short phase's share, priced by drift
     hows = ("alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean")
     out: dict[str, dict[str, list[tuple[float, float]]]] = {how: {} for how in hows}
+    out["drift"] = {"all_reduce": drift}
     for kind, op in ops.items():
         try:
             c10d.wait_tensor.default(op(torch.zeros(64 * n)))
@@ -401,7 +449,7 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
             pairs = [p for b in blocks for p in b]
             counted = float(local * 4 if kind in ("all_to_all_single",) else numel * 4)
             for how, seconds in (("alone", min(samples[1:])),
-                                 ("in_situ", min(statistics.mean(b) for b in blocks) - phase_least),
+                                 ("in_situ", min(statistics.mean(b) for b in blocks) - phase_least - drift_s),
                                  ("in_situ_single", min(pairs) - phase_least),
                                  ("in_situ_median", statistics.median(pairs) - phase_median),
                                  ("in_situ_mean", statistics.mean(pairs) - phase_mean)):
@@ -506,6 +554,7 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
         n, colls = measure_collectives(spec)
         fits = ring_fits(n, colls["in_situ"])
         figures["collective_fits"] = fits
+        figures["collective_drift"] = max(statistics.mean(d for _, d in colls["drift"]["all_reduce"]), 0.0)
         alpha, beta = next((a, b) for k, a, b in fits if k == "all_reduce")
         figures.update(intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha, inter_beta=beta)
         p2p = measure_p2p(spec)
@@ -534,6 +583,9 @@ SOURCES = {
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, each "
                        f"after a compute phase, in runs of {BLOCK_PAIRS} after a barrier (least run's mean pair "
                        "time, the phase's least taken off), relative least-squares t = a + b*bytes, as ring alpha/beta",
+    "collective_drift": "meshc calibrate: an in-situ all_reduce's price after a long compute phase (op_mix, "
+                        f"{LONG_PHASE_BLOCKS} blocks) less its price after the short one, per second of phase "
+                        f"(runs of {BLOCK_PAIRS} after a barrier, alternated; the mean over {len(DRIFT_BYTES)} sizes)",
     "p2p_fits": "meshc calibrate: least time rank 0 spends issuing a send (batch_isend_irecv of one isend) and rank "
                 "1 posting its receive, by message size, relative least-squares t = a + b*bytes",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",

@@ -65,6 +65,9 @@ class DevicePreset:
     sdpa_curve: tuple[tuple[float, float], ...] = ()  # measured (FLOPs of one attention, FLOP/s); () = matmul's
     op_rates: tuple[tuple[str, float], ...] = ()  # measured (ATen op, seconds per element of its largest tensor)
     collective_fits: tuple[tuple[str, float, float], ...] = ()  # measured (collective, alpha, beta), in-node groups
+    # seconds a collective waits per second of compute its rank ran since its previous collective: the
+    # ranks drift apart over a phase (measured on a CPU mesh by meshc calibrate; 0 where not measured)
+    collective_drift: float = 0.0
     p2p_fits: tuple[tuple[str, float, float], ...] = ()  # measured ("send" | "recv", s per message, s per byte)
     source: str = ""  # the preset file it came from, if any
 

@@ -7,7 +7,7 @@ one per stage), `peak_memory(program) -> (state bytes, peak activation bytes)`.
 The time of a local Program is the sum over its nodes, in order (the ATen backend runs one node
 after the other; a collective's wait is where its time is spent):
 
-    call_overhead + Σ_nodes [overhead(op) + node_time]  + Σ_collectives step_time
+    call_overhead + Σ_nodes [overhead(op) + node_time]  + Σ_collectives [step_time + drift · since]
 
 (`Prediction.parts` splits it by `part(node)`: matmul, attention, other ops, views,
 collectives), where overhead(op) is the fixed time the preset measured for that ATen op in a
@@ -16,7 +16,10 @@ mixed graph (`op_overheads`: linear, attention, reductions, ...), else its gener
 attention by size, per-element rates of the slower non-matmul ops);
 collectives are read from the graph (`_c10d_functional.*`: what runs, with the bytes the graph
 moves) and priced by `meshc.redistribute.step_time`, as the preset's process-group backend
-implements them. A pipeline stage adds the point-to-point messages it emits (`stage_times`).
+implements them, plus the preset's `collective_drift` times `since`, the time the rank computed
+since its previous collective: the ranks drift apart over a phase, and the first to arrive waits
+(calibrated on a CPU mesh; the solver's per-edge prices leave it out). A pipeline stage adds
+the point-to-point messages it emits (`stage_times`).
 Peak memory: the state tensors (each storage once) plus the most bytes of
 non-view node outputs alive at once, each freed after its last reader or its views' last reader
 (outputs live to the end).
@@ -103,6 +106,7 @@ def forward_time(program, preset: DevicePreset | str) -> Prediction:
     """Predicted seconds of one call of `program`'s graph on one rank (see the module docstring)."""
     p = get_preset(preset)
     out = Prediction(dispatch_s=p.call_overhead)
+    since = 0.0  # seconds this rank computed since its previous collective (the ranks drift apart)
     for node in program.graph.nodes:
         if node.op != "call_function":
             continue
@@ -114,10 +118,12 @@ def forward_time(program, preset: DevicePreset | str) -> Prediction:
             found = _collective_step(program, node)
             if found is not None:
                 step, n = found
-                out.comm_s += step_time(step, n, p)
+                out.comm_s += step_time(step, n, p) + p.collective_drift * since
                 out.collectives[step.op] = out.collectives.get(step.op, 0) + 1
+                since = 0.0
         else:
             out.compute_s += node_time(node, p)
+            since += out.total_s - before
         out.parts[where] = out.parts.get(where, 0.0) + out.total_s - before
     return out
 

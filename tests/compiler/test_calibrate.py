@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import operator
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def test_collective_fits_become_ring_alpha_beta(monkeypatch, tmp_path):
     alone = {k: [(b, t / 3) for b, t in rows] for k, rows in in_situ.items()}
     median = {k: [(b, t * 2) for b, t in rows] for k, rows in in_situ.items()}
     mean = {k: [(b, 3e-4 + b * 2e-9) for b, _ in rows] for k, rows in in_situ.items()}
+    drift = {"all_reduce": [(1 << 14, 0.05), (1 << 18, 0.15)]}
     monkeypatch.setattr(cal, "measure_collectives", lambda spec: (
-        n, {"alone": alone, "in_situ": in_situ, "in_situ_median": median, "in_situ_mean": mean}))
+        n, {"alone": alone, "in_situ": in_situ, "in_situ_median": median, "in_situ_mean": mean, "drift": drift}))
     monkeypatch.setattr(cal, "measure_matmuls", lambda s: [(1e6, 1e10), (1e8, 2e10)])
     monkeypatch.setattr(cal, "measure_sdpa", lambda s: [(1e6, 5e9)])
     monkeypatch.setattr(cal, "measure_op_rates", lambda s, fixed: {"aten.silu.default": 1e-9})
@@ -80,6 +82,7 @@ def test_collective_fits_become_ring_alpha_beta(monkeypatch, tmp_path):
     assert dict(p.op_overheads)["aten.linear.default"] == pytest.approx(1.2e-5)
     assert p.dispatch_overhead == pytest.approx(0.8e-5)
     assert p.link() == p.fit("all_reduce")  # uncalibrated kinds and p2p use the all-reduce link
+    assert p.collective_drift == pytest.approx(0.1)  # the mean over the sizes it was measured at
     assert p.fit("reduce_scatter_tensor") is None  # not measured: priced as the backend implements it
     assert raw["collectives"]["group_size"] == 2
     assert raw["collectives"]["seconds_by_bytes_alone"]["all_reduce"][0] == list(alone["all_reduce"][0])
@@ -219,13 +222,56 @@ def test_collectives_priced_as_the_backend_runs_them(mlp):
     assert set(pr.parts) <= set(PARTS) and pr.parts["collectives"] >= pr.comm_s * (1 - 1e-9)
     assert sum(pr.parts.values()) + gloo.call_overhead == pytest.approx(pr.total_s)
     assert {part(n) for n in colls} == {"collectives"}
+    # with a drift, each collective also waits drift x the compute its rank ran since the previous one
+    drifting = forward_time(program, replace(gloo, collective_drift=0.25))
+    since, waits = 0.0, 0.0
+    for n in program.graph.nodes:
+        if n in colls:
+            waits, since = waits + 0.25 * since, 0.0
+        elif n.op == "call_function" and part(n) != "collectives":
+            since += cm.node_time(n, gloo) + gloo.overhead(n.target) * (n.target is not operator.getitem)
+    assert waits > 0 and drifting.comm_s == pytest.approx(pr.comm_s + waits)
+    assert drifting.compute_s == pr.compute_s and drifting.dispatch_s == pr.dispatch_s
+
+
+def test_drift_is_the_wait_per_second_of_phase(monkeypatch):
+    """On a one-rank gloo group, with the clock replaced: the short phase takes 1 ms, the long one
+    11 ms, and the all-reduce 2 ms plus 0.1 x the phase before it — after the long phase, plus 1 ms
+    in every run of 8 but the fifth, so only the least run reads it exactly (the mean: 0.19):
+    drift = (3.1 - 2.1) / (11 - 1) = 0.1."""
+    import torch.distributed as dist
+
+    clock = [0.0]
+    monkeypatch.setattr(cal.time, "perf_counter", lambda: clock[0])
+    last, runs = [0.0], []
+
+    def phase(seconds):
+        def run():
+            clock[0] += seconds
+            last[0] = seconds
+        return run, ()
+
+    def allreduce(t):
+        fifth = len(runs) // (2 * cal.BLOCK_PAIRS) % 8 == 4  # 8 blocks of a short and a long run per size
+        clock[0] += 2e-3 + 0.1 * last[0] + (1e-3 if last[0] > 1e-3 and not fifth else 0.0)
+        runs.append(None)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        rows = cal._drift(allreduce, dist.group.WORLD, 8, (phase(1e-3), phase(11e-3)))
+    finally:
+        dist.destroy_process_group()
+    assert [b for b, _ in rows] == [float(b) for b in cal.DRIFT_BYTES]
+    assert all(d == pytest.approx(0.1) for _, d in rows)
 
 
 @pytest.mark.slow  # two gloo ranks, every collective at 8 sizes, alone and after a compute phase (~1 min)
 def test_collectives_are_measured_alone_and_in_situ_on_the_mesh():
     n, colls = cal.measure_collectives("tp=2", iters=2, timeout=240)
-    assert n == 2 and set(colls) == {"alone", "in_situ", "in_situ_median", "in_situ_mean"}
-    for how in colls:
+    assert n == 2 and set(colls) == {"alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean", "drift"}
+    assert [b for b, _ in colls["drift"]["all_reduce"]] == [float(b) for b in cal.DRIFT_BYTES]
+    assert all(math.isfinite(d) for _, d in colls["drift"]["all_reduce"])
+    for how in colls.keys() - {"drift"}:
         rows = colls[how]["all_reduce"]
         assert [b for b, _ in rows] == [float(b) for b in cal.MESSAGE_BYTES]
         assert all(0 < t < 10 for _, t in rows)
@@ -245,7 +291,8 @@ def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
     """On a one-rank gloo group, with the wall clock replaced: the compute phase takes 1 s; in every
     run of BLOCK_PAIRS pairs, seven take 1.5 s and one 1.0 s + 1 ms x the run's number. The priced
     figure is the least run's mean pair less the phase, (7 x 0.5 + 0.001) / 8 — not the least single
-    pair's 1 ms (the figure before runs, kept as in_situ_single)."""
+    pair's 1 ms (the figure before runs, kept as in_situ_single) — less the drift's share of the phase
+    (a drift of 0.02 s per phase second, 0.02 s; the cost model adds it back per phase)."""
     import torch.distributed as dist
 
     monkeypatch.setattr(cal, "MESSAGE_BYTES", (1 << 10, 1 << 14))
@@ -260,6 +307,7 @@ def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
         return [1.5] * (n - 1) + [1.0 + 0.001 * len(runs)]
 
     monkeypatch.setattr(cal, "wall_times", wall_times)
+    monkeypatch.setattr(cal, "_drift", lambda *a: [(1 << 14, 0.01), (1 << 18, 0.03)])
 
     class OneDimMesh:
         def get_group(self, dim):
@@ -271,13 +319,13 @@ def test_in_situ_collectives_are_priced_by_the_least_run_of_pairs(monkeypatch):
         out = cal._collectives_rank(OneDimMesh(), "tp", 2)
     finally:
         dist.destroy_process_group()
-    assert set(out) == {"alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean"}
+    assert set(out) == {"alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean", "drift"}
     assert {"all_reduce", "all_gather_into_tensor"} <= set(out["in_situ"])
     first = {}
     for kind, rows in out["in_situ"].items():
         assert [b for b, _ in rows] == [1024.0, 16384.0]
         first[kind] = [t for _, t in out["in_situ_single"][kind]]
         for (_, run), single in zip(rows, first[kind]):
-            assert run == pytest.approx((7 * 0.5 + single) / 8)  # the first run of each size: the least
+            assert run == pytest.approx((7 * 0.5 + single) / 8 - 0.02)  # the first run of each size: the least
             assert 0.0 < single < 0.5
     assert len(runs) >= 12 * 2 * len(out["in_situ"])  # >= 12 runs per size and collective
