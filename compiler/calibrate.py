@@ -30,8 +30,10 @@ graph), since a tight loop of a friendlier variant runs faster than the forward 
   after a barrier, as a forward issues them (the ranks start together, then drift apart, and gloo's
   threads compete with the ranks' compute for the cores). Per collective a fit t = a + b·bytes
   (relative least squares) of the in-situ times, stored as ring alpha/beta for the group size
-  (`collective_fits`). A collective the backend lacks (gloo has no reduce-scatter) is skipped:
-  `meshc.redistribute` prices it as the backend implements it;
+  (`collective_fits`); and how much longer an all-reduce waits per second of compute before it
+  (`collective_drift`: after the short phase and a ~7 ms one, phase and collective timed apart; the
+  ranks drift apart over a phase, and the first to arrive waits). A collective the backend lacks
+  (gloo has no reduce-scatter) is skipped: `meshc.redistribute` prices it as the backend implements it;
 * point-to-point on the mesh's processes, as the pipeline runtime issues them (batch_isend_irecv):
   the time the sender spends issuing a send and the receiver posting a receive, by message size
   → `p2p_fits` (what each pipeline stage pays for the messages it emits).
@@ -364,9 +366,10 @@ def _drift(allreduce: Callable[[torch.Tensor], object], group, blocks: int,
     per second of the compute phase before it — the ranks drift apart over a phase (the OS's and
     the other rank's jitter), so the first to arrive waits longer the longer it computed. Runs of
     BLOCK_PAIRS (phase, all-reduce) pairs after a barrier, the short and the long phase of `phases`
-    ((graph, inputs) each: `compute_phase`, `long_phase`) alternated so both see the same machine, the phase and the collective timed
-    apart (a slower phase is compute's, not the wait's): per phase, the least run's mean collective
-    time C and the median run's mean phase time P; drift = (C_long − C_short) / (P_long − P_short)."""
+    ((graph, inputs) each: `compute_phase`, `long_phase`) alternated so both see the same machine,
+    the phase and the collective timed apart (a slower phase is compute's, not the wait's): per
+    phase, the least run's mean collective time C and the median run's mean phase time P;
+    drift = (C_long − C_short) / (P_long − P_short)."""
     import torch.distributed as dist
 
     rows = []
@@ -619,9 +622,12 @@ def summary(preset: DevicePreset) -> str:
         lines.append(f"  p2p {kind} issue: {a * 1e6:.1f} us per message + {b * 1e12:.2f} us per MB")
     for kind, a, b in preset.collective_fits:
         lines.append(f"  {kind}: alpha {a * 1e6:.1f} us per ring step, {1 / b / 1e9 if b else math.inf:.2f} GB/s")
+    if preset.collective_fits:
+        lines.append(f"  a collective also waits {preset.collective_drift * 1e3:.0f} us per ms its rank computed since "
+                     "the previous one (drift)")
     return "\n".join(lines)
 
 
-__all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_blocks", "measure_collectives", "measure_dispatch",
-           "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs", "op_mix", "ring_fits",
-           "summary", "wall_times", "write_preset"]
+__all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_blocks", "long_phase", "measure_collectives",
+           "measure_dispatch", "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs",
+           "op_mix", "ring_fits", "summary", "wall_times", "write_preset"]
