@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seq", type=int, default=16, help="first sequence length; a second one is 2*seq+1")
     s.add_argument("--microbatches", type=int, default=0,
                    help="on a pp mesh: micro-batches per call (default: the most, up to 2 per stage, dividing --batch)")
-    s.add_argument("--iters", type=int, default=5, help="timed forward calls per rank")
+    s.add_argument("--iters", type=int, default=30,
+                   help="timed forward calls per rank (the prediction is a least time: more calls, a truer least)")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck rank fails the run")
     s.add_argument("--show-program", action="store_true", help="print rank 0's local program")
     s.add_argument("--preset", default="cpu-gloo",
@@ -450,7 +451,8 @@ def cmd_run(args) -> int:
     stages = r["predicted"]["stages_ms"]
     print(f"predicted by the cost model ({args.preset}): "
           + (f"{stages[0]:.1f} ms" if len(stages) == 1 else "stages " + ", ".join(f"{t:.1f}" for t in stages) + " ms")
-          + f" per forward on rank 0 (measured {r['forward_ms_median']:.1f} ms)")
+          + f" per forward on rank 0 (measured: least {r['forward_ms_least']:.1f} ms, median "
+          f"{r['forward_ms_median']:.1f} ms of {r['forward_calls']} calls; every preset figure is a least time)")
     if args.preset == "cpu-gloo":
         print(f"  cpu-gloo holds generic CPU figures, not this machine's; `meshc calibrate --mesh {args.mesh}` "
               f"measures it and writes cpu-calibrated.json for --preset")
