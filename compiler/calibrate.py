@@ -426,7 +426,7 @@ def _collectives_rank(device_mesh, dim: str, iters: int) -> dict[str, dict[str, 
         phase_s = wall_times(lambda: phase(*inputs), 200)  # both ranks computing, as in a forward
     phase_least, phase_median, phase_mean = min(phase_s), statistics.median(phase_s), statistics.mean(phase_s)
     drift = _drift(lambda t: c10d.wait_tensor.default(ops["all_reduce"](t)), group, max(2 * iters, 24),
-                   (compute_phase(), long_phase()))
+                   ((phase, inputs), long_phase()))
     drift_s = statistics.mean(d for _, d in drift) * phase_least  # the short phase's share, priced by drift
     hows = ("alone", "in_situ", "in_situ_single", "in_situ_median", "in_situ_mean")
     out: dict[str, dict[str, list[tuple[float, float]]]] = {how: {} for how in hows}
@@ -586,9 +586,10 @@ SOURCES = {
     "collective_fits": "meshc calibrate: _c10d_functional collectives + wait_tensor on the mesh's group, each "
                        f"after a compute phase, in runs of {BLOCK_PAIRS} after a barrier (least run's mean pair "
                        "time, the phase's least taken off), relative least-squares t = a + b*bytes, as ring alpha/beta",
-    "collective_drift": "meshc calibrate: an in-situ all_reduce's price after a long compute phase (op_mix, "
-                        f"{LONG_PHASE_BLOCKS} blocks) less its price after the short one, per second of phase "
-                        f"(runs of {BLOCK_PAIRS} after a barrier, alternated; the mean over {len(DRIFT_BYTES)} sizes)",
+    "collective_drift": "meshc calibrate: an in-situ all_reduce's time after a long compute phase (op_mix, "
+                        f"{LONG_PHASE_BLOCKS} blocks) less its time after the short one, per second of phase "
+                        f"(runs of {BLOCK_PAIRS} after a barrier, alternated, phase and collective timed apart; "
+                        f"the least run's mean collective time; the mean over {len(DRIFT_BYTES)} sizes)",
     "p2p_fits": "meshc calibrate: least time rank 0 spends issuing a send (batch_isend_irecv of one isend) and rank "
                 "1 posting its receive, by message size, relative least-squares t = a + b*bytes",
     "intra_alpha": "the all_reduce fit", "intra_beta": "the all_reduce fit",
