@@ -64,9 +64,10 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
     unsharded = unsharded_report(program, the_plan)  # on the global graph, before emission
     split_biases(program, the_plan, recompile=False)  # the emitted graph gets a GraphModule of its own
     placements, needs, fallbacks = _propagate(program, the_plan)
-    program.gm = fx.GraphModule(program.gm, schedule_waits_late(_Emitter(program, placements, needs).emit()))
-    program.plan = the_plan
-    _refresh_local_vals(program)
+    with _size_oblivious():
+        program.gm = fx.GraphModule(program.gm, schedule_waits_late(_Emitter(program, placements, needs).emit()))
+        program.plan = the_plan
+        _refresh_local_vals(program)
     _localize_state(program)
     kinds = count_collectives(program)
     program.notes.append(f"spmd_partition: plan '{the_plan.source}' (hash {the_plan.hash()}) on mesh '{mesh}', "
@@ -78,6 +79,21 @@ def spmd_partition(program: Program, *, plan: str = "") -> Program:
         program.notes.append("spmd_partition: ops with no sharding rule ran replicated: "
                              + ", ".join(sorted(fallbacks)))
     return program
+
+
+def _size_oblivious():
+    """A context in which torch does not take a symbolic size it sees equal to 1 for the constant 1.
+    Its 0/1 rule would: a dp rank's block of a batch of one row per rank (batch 2 on dp=2) would pin
+    the batch symbol in the rank's fake values (`Eq((s + 1)//2, 1)`), and `meshc show` and the cost
+    model would describe the example's batch. The code a rank runs reads each call's own sizes either
+    way. (A no-op on a torch without the option.)"""
+    from contextlib import nullcontext
+
+    from torch.fx.experimental import _config
+
+    if "backed_size_oblivious" not in getattr(_config, "_config", {}):
+        return nullcontext()
+    return _config.patch(backed_size_oblivious=True)
 
 
 def predict_collectives(program: Program, plan: Any = None) -> Counter:

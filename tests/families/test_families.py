@@ -120,8 +120,8 @@ def _run_error(device_mesh, family: str, folder: str | None) -> float:
     compiled = meshc.compile(loaded.model, device_mesh, example_inputs=loaded.example_inputs,
                              example_kwargs=loaded.example_kwargs, microbatches=2 if pp else 0)
     errs = []
-    # dp: also a batch other than the example's (each dp rank's example block is 1 row, a size torch
-    # specializes in the fake values; the code a rank runs must still read the call's own sizes)
+    # dp: also a batch other than the example's (each dp rank's example block is 1 row, a size torch's
+    # 0/1 rule would pin; the code a rank runs must read the call's own sizes)
     shapes = [(2, seq) for seq in SEQS] + ([(4, SEQS[1])] if "dp" in (device_mesh.mesh_dim_names or ()) else [])
     with torch.no_grad():
         for batch, seq in shapes:

@@ -55,6 +55,19 @@ def test_each_rank_value_is_what_the_rank_graph_computes(model, mesh, rank, requ
     assert checked > 100
 
 
+def test_a_dp_block_of_one_row_keeps_the_batch_symbolic(llama):
+    """Batch 2 on dp=2: each rank's block is one row, which torch's 0/1 rule would take for the
+    constant 1, pinning the batch in the rank's fake values (and `meshc show` and the cost model
+    would describe batch 2 only). The rank's output stays 2 x ((s + 1) // 2) rows."""
+    assert llama.example_inputs[0].shape[0] == 2
+    program = partition(llama, "dp=2,tp=2", rank=1)
+    ids = program.placeholders("user")[0].meta["val"]
+    assert isinstance(ids.shape[0], torch.SymInt)
+    output = next(n for n in program.graph.nodes if n.op == "output")
+    logits = [a for a in torch.utils._pytree.tree_leaves(output.args) if isinstance(a, torch.fx.Node)][0]
+    assert "//" in str(logits.meta["val"].shape[0])  # the rank's block of the symbolic batch, gathered
+
+
 def test_megatron_plan_is_found_from_the_graph(llama, gpt2):
     plan = partition(llama, "tp=2").plan
     layer = "model.layers.1."
