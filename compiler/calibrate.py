@@ -370,27 +370,24 @@ def _drift(allreduce: Callable[[torch.Tensor], object], group, blocks: int,
     the phase and the collective timed apart (a slower phase is compute's, not the wait's): per
     phase, the least run's mean collective time C and the median run's mean phase time P;
     drift = (C_long − C_short) / (P_long − P_short)."""
-    import torch.distributed as dist
-
     rows = []
-    with torch.no_grad():
-        for nbytes in DRIFT_BYTES:
-            t = torch.randn(nbytes // 4)
-            runs: list[list[tuple[float, float]]] = [[], []]  # per phase: (mean phase, mean collective) per run
-            for _ in range(blocks):
-                for (g, x), into in zip(phases, runs):
-                    dist.barrier(group)
-                    pairs = []
-                    for _ in range(BLOCK_PAIRS):
-                        t0 = time.perf_counter()
-                        g(*x)
-                        t1 = time.perf_counter()
-                        allreduce(t)
-                        pairs.append((t1 - t0, time.perf_counter() - t1))
-                    into.append(tuple(statistics.mean(v) for v in zip(*pairs)))
-            (p_short, c_short), (p_long, c_long) = ((statistics.median(p for p, _ in r), min(c for _, c in r))
-                                                    for r in runs)
-            rows.append((float(nbytes), (c_long - c_short) / (p_long - p_short)))
+    for nbytes in DRIFT_BYTES:
+        t, waits = torch.randn(nbytes // 4), []
+
+        def timed(t=t, waits=waits) -> None:  # the collective, its own time recorded apart from its pair's
+            t0 = time.perf_counter()
+            allreduce(t)
+            waits.append(time.perf_counter() - t0)
+
+        runs: list[list[tuple[float, float]]] = [[], []]  # per phase: (mean phase, mean collective) per run
+        for _ in range(blocks):
+            for (g, x), into in zip(phases, runs):
+                (pairs,) = in_situ_blocks(timed, g, x, 1, group)
+                wait = statistics.mean(waits[-BLOCK_PAIRS:])
+                into.append((statistics.mean(pairs) - wait, wait))
+        (p_short, c_short), (p_long, c_long) = ((statistics.median(p for p, _ in r), min(c for _, c in r))
+                                                for r in runs)
+        rows.append((float(nbytes), (c_long - c_short) / (p_long - p_short)))
     return rows
 
 
