@@ -13,11 +13,7 @@ configuration runs on a local gloo mesh (`meshc.launch`, one torch thread per ra
 alternating rounds over the forward configurations (default 3; the pp=2 run below: one; the first measured after
 calibration ran up to 1.5x slower, every part alike), each round at least `--iters` calls and about
 `--seconds` of them (a 2 ms forward: ~500 calls, as many as calibration's least of a kernel sees),
-each row from its round with the least time. Each round starts by measuring the collectives again
-(`meshc.calibrate.collective_figures`, the same microbenchmarks; `<out>_roundN_preset.json`): a row
-is priced with the start preset (`time_error`) and with its own round's collectives
-(`time_error_round_preset`) — on this VM the in-situ floor moved up to 2x between calibrations
-minutes apart, so a collective-bound row priced minutes away reads the machine's move, not the model's error:
+each row from its round with the least time:
 forward time per rank: least and median with quartiles, the least thread CPU time of a call (what
 calibration's kernel timings count; a collective's wait is not in it), and the peak of the bytes the
 forward allocates (torch profiler memory events) plus the rank's state bytes; and the forward split
@@ -123,22 +119,6 @@ def mean_waits_preset(path: str):
     base = load_preset(path)
     return replace(base, name=f"{base.name}-mean-waits", collective_fits=fits, intra_alpha=a, intra_beta=b,
                    inter_alpha=a, inter_beta=b)
-
-
-def _round_preset(start: str, path: Path) -> str:
-    """A preset file: the start preset with the collectives measured again now (`collective_figures`,
-    the same microbenchmarks; nothing fitted to a configuration). On this VM the in-situ floor moved
-    up to 2x between calibrations minutes apart (all_gather 1-64 KB: 326-339 us, then 551-689 us,
-    144 runs each), so a row is also priced with the collectives of its own round."""
-    from dataclasses import replace
-
-    from meshc.calibrate import collective_figures, write_preset
-    from meshc.cost_model import load_preset
-
-    figures, raw_colls = collective_figures("tp=2")
-    raw = json.loads(Path(start).read_text()).get("measurements", {})
-    write_preset(replace(load_preset(start), **figures), str(path), {**raw, "collectives": raw_colls})
-    return str(path)
 
 
 def _allocated_peak(fn) -> int:
@@ -283,27 +263,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     configs = [(name, mesh, plan) for name in a.sizes.split(",")
                for mesh, plans in (("tp=1", (None,)), ("tp=2", PLANS)) for plan in plans]
-    rounds: dict = {c: [] for c in configs}  # config -> [(per-rank results, dispatch probe, round)] per round
-    round_presets = []  # per round: the start preset with the collectives measured at the round's start
+    rounds: dict = {c: [] for c in configs}  # config -> [(per-rank results, dispatch probe)] per round
     for r in range(a.rounds):  # alternating rounds: the machine's drift falls on every config alike
-        out = out_dir / a.out
-        round_presets.append(_round_preset(a.preset, out.with_name(f"{out.stem}_round{r + 1}_preset.json")))
         for name, mesh, plan in configs:
             ranks = measure(name, mesh, None if plan == "replicate" else plan, a.iters, seconds=a.seconds)
             probe = measure_dispatch(0.5)[0]  # the machine now (not used to predict): contention drift
-            rounds[(name, mesh, plan)].append((ranks, probe, r))
+            rounds[(name, mesh, plan)].append((ranks, probe))
             print(f"round {r + 1}: {name} {mesh} {plan or 'one device'} least {ranks[0]['min_ms']:.2f} ms", flush=True)
     rows = []
     for name, mesh, plan in configs:
         label = f"{name} {mesh} {plan or 'one device'}"
         pr = predict(name, None if mesh == "tp=1" else mesh, None if plan == "replicate" else plan, a.preset)
-        ranks, probe, r = min(rounds[(name, mesh, plan)], key=lambda rp: rp[0][0]["min_ms"])
-        pr_round = predict(name, None if mesh == "tp=1" else mesh, None if plan == "replicate" else plan,
-                           round_presets[r])
+        ranks, probe = min(rounds[(name, mesh, plan)], key=lambda rp: rp[0][0]["min_ms"])
         m = ranks[0]
         row = {"config": label, "model": name, "mesh": mesh, "plan": plan or "-", "predicted": pr,
-               "predicted_round_preset": pr_round, "round": r + 1,
-               "time_error_round_preset": _err(pr_round["total_ms"], m["min_ms"]),
                "dispatch_us_per_node_now": probe * 1e6,
                "measured_rank0": m, "measured_median_ms_per_rank": [r["median_ms"] for r in ranks],
                "rounds_least_ms": [rp[0][0]["min_ms"] for rp in rounds[(name, mesh, plan)]],
@@ -315,10 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
                                             if "mean_waits_total_ms" in pr else None),  # a preset file without means
                "memory_error": _err(pr["memory_bytes"], m["memory_bytes"]),
                "activation_error": _err(pr["activation_peak_bytes"], m["activation_peak_bytes"])}
-        print(f"{label}: predicted {pr['total_ms']:.2f} ms (with round {r + 1}'s collectives "
-              f"{pr_round['total_ms']:.2f}), measured least {m['min_ms']:.2f} ms "
-              f"({100 * row['time_error']:+.0f}%, {100 * row['time_error_round_preset']:+.0f}%; "
-              f"least thread CPU {m['min_cpu_ms']:.2f}), "
+        print(f"{label}: predicted {pr['total_ms']:.2f} ms, measured least {m['min_ms']:.2f} ms "
+              f"({100 * row['time_error']:+.0f}%; least thread CPU {m['min_cpu_ms']:.2f}), "
               f"median {m['median_ms']:.2f} [{m['q1_ms']:.2f}, "
               f"{m['q3_ms']:.2f}], mean {m['mean_ms']:.2f}"
               + (f" (predicted with mean waits {pr['mean_waits_total_ms']:.2f}, "
@@ -356,18 +327,15 @@ def main(argv: list[str] | None = None) -> dict:
                               "measured_spread_ms": spread, "counts": gap > spread,
                               "agrees": x["measured_rank0"]["min_ms"] < y["measured_rank0"]["min_ms"]})
     times = [abs(r["time_error"]) for r in rows] + [abs(s["error"]) for s in pipeline["stages"]]
-    times_round = [abs(r["time_error_round_preset"]) for r in rows] + [abs(s["error"]) for s in pipeline["stages"]]
     result = {
         "benchmark": "cost_model", "preset_file": a.preset,
         "compared": "time_error: prediction (every preset figure a least time) vs the least forward call; "
                     "time_error_vs_median / _vs_mean: the same prediction vs the median / mean call (for the "
                     "record); mean_waits_error_vs_mean: the prediction with collectives priced by their mean "
                     "in-situ time vs the mean call",
-        "round_presets": [str(p) for p in round_presets], "rows": rows, "pipeline": pipeline, "plan_order": order,
+        "rows": rows, "pipeline": pipeline, "plan_order": order,
         "summary": {"time_within_25pct": sum(e <= 0.25 for e in times), "time_configs": len(times),
                     "max_abs_time_error": max(times),
-                    "time_within_25pct_round_preset": sum(e <= 0.25 for e in times_round),
-                    "max_abs_time_error_round_preset": max(times_round),
                     "time_within_25pct_of_median": sum(abs(r["time_error_vs_median"]) <= 0.25 for r in rows),
                     "mean_waits_within_25pct_of_mean": sum(abs(r["mean_waits_error_vs_mean"]) <= 0.25 for r in rows
                                                            if r["mean_waits_error_vs_mean"] is not None),

@@ -524,27 +524,6 @@ def measure_p2p(mesh: Any, iters: int = 20, timeout: float = 120.0) -> dict[str,
     return {k: v for r in launch(_p2p_rank, str(mesh), iters, timeout=timeout) for k, v in r.items()}
 
 
-def collective_figures(mesh: Any) -> tuple[dict[str, Any], dict]:
-    """(preset figures, raw measurements) of the collectives on the mesh (`measure_collectives`):
-    `collective_fits` of the in-situ times, `collective_drift`, and the all-reduce fit as the
-    intra/inter alpha and beta. `calibrate` calls it once; `benchmarks/cost_model.py` again at the
-    start of each measurement round (on this VM the in-situ floor moved up to 2x between
-    calibrations minutes apart, see there)."""
-    from meshc.mesh import MeshSpec
-
-    spec = MeshSpec.parse(mesh)
-    n, colls = measure_collectives(spec)
-    fits = ring_fits(n, colls["in_situ"])
-    alpha, beta = next((a, b) for k, a, b in fits if k == "all_reduce")
-    figures = {"collective_fits": fits,
-               "collective_drift": max(statistics.mean(d for _, d in colls["drift"]["all_reduce"]), 0.0),
-               "intra_alpha": alpha, "intra_beta": beta, "inter_alpha": alpha, "inter_beta": beta}
-    raw = {"group_size": n, "mesh": str(spec),
-           **{f"seconds_by_bytes_{how}": {k: [list(p) for p in rows] for k, rows in by_kind.items()}
-              for how, by_kind in colls.items()}}
-    return figures, raw
-
-
 def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: str = "cpu-calibrated"
               ) -> tuple[DevicePreset, dict]:
     """Measure this machine (see the module docstring) and return (preset, raw measurements)."""
@@ -572,11 +551,18 @@ def calibrate(mesh: Any = None, seconds: float = 1.0, threads: int = 1, name: st
                            "op_mix_nodes_per_block": mix_counts, "call_s": per_call}
     spec = MeshSpec.parse(mesh)
     if spec.size > 1:
-        coll_figures, raw["collectives"] = collective_figures(spec)
-        figures.update(coll_figures)
+        n, colls = measure_collectives(spec)
+        fits = ring_fits(n, colls["in_situ"])
+        figures["collective_fits"] = fits
+        figures["collective_drift"] = max(statistics.mean(d for _, d in colls["drift"]["all_reduce"]), 0.0)
+        alpha, beta = next((a, b) for k, a, b in fits if k == "all_reduce")
+        figures.update(intra_alpha=alpha, intra_beta=beta, inter_alpha=alpha, inter_beta=beta)
         p2p = measure_p2p(spec)
         figures["p2p_fits"] = tuple((kind, *fit_line(rows)) for kind, rows in sorted(p2p.items()))
         raw["p2p_seconds_by_bytes"] = {k: [list(r) for r in rows] for k, rows in p2p.items()}
+        raw["collectives"] = {"group_size": n, "mesh": str(spec),
+                              **{f"seconds_by_bytes_{how}": {k: [list(p) for p in rows] for k, rows in by_kind.items()}
+                                 for how, by_kind in colls.items()}}
     raw["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     raw["threads"] = threads
     return replace(base, name=name, **figures), raw
@@ -640,6 +626,6 @@ def summary(preset: DevicePreset) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["calibrate", "collective_figures", "compute_phase", "fit_line", "in_situ_blocks", "long_phase",
-           "measure_collectives", "measure_dispatch", "measure_matmuls", "measure_op_rates", "measure_p2p",
-           "measure_sdpa", "op_costs", "op_mix", "ring_fits", "summary", "wall_times", "write_preset"]
+__all__ = ["calibrate", "compute_phase", "fit_line", "in_situ_blocks", "long_phase", "measure_collectives",
+           "measure_dispatch", "measure_matmuls", "measure_op_rates", "measure_p2p", "measure_sdpa", "op_costs",
+           "op_mix", "ring_fits", "summary", "wall_times", "write_preset"]
